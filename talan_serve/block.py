@@ -1,0 +1,306 @@
+"""The TALAN block: summarize -> remix -> writeback, pure torch, no model knowledge.
+
+One implementation serves every caller. Tokens arrive *packed*: ``hidden`` is
+``(num_tokens, d)`` holding one or more sequences back to back, ``cu_seqlens`` marks
+where each starts, and ``initial_state`` carries each sequence's running summary
+``(N, D)`` from earlier calls (a previous chunk or decode step). A whole padded batch,
+a chunked prefill, a mixed prefill/decode engine batch and one decode step are all this
+one call with different metadata; see TALAN_SPEC.md section 1 for the math.
+
+All of it is tensor ops with shapes fixed by the inputs: no host synchronisation, no
+Python loop over sequences, no data-dependent branches, so engines can capture it in
+CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from talan_serve.config import TalanConfig
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    # The side path runs in fp32 whatever dtype the host casts the module to.
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x, layer.weight.float(), bias)
+
+
+def empty_state(config: TalanConfig, num_seqs: int, device: torch.device | str | None = None):
+    """Running summaries of ``num_seqs`` fresh sequences: ``(num_seqs, T, d + 1)`` fp32 zeros.
+
+    ``state[..., :d]`` is the running numerator N and ``state[..., d]`` the running mass D.
+    """
+    return torch.zeros(
+        num_seqs, config.n_themes, config.hidden_size + 1, dtype=torch.float32, device=device
+    )
+
+
+def sequence_index(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
+    """Which sequence each packed token belongs to, from cumulative sequence lengths."""
+    positions = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+
+
+def running_summary(
+    hidden: Tensor,
+    assignments: Tensor,
+    cu_seqlens: Tensor,
+    initial_state: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Causal per-sequence slot summaries ``z`` and each sequence's final state.
+
+    Args:
+        hidden: ``(num_tokens, d)`` fp32, packed sequences.
+        assignments: ``(num_tokens, T)`` fp32 soft assignments A; zero rows contribute nothing.
+        cu_seqlens: ``(B + 1,)`` int64 offsets of each sequence in the packed tokens.
+        initial_state: ``(B, T, d + 1)`` fp32 state carried in from earlier tokens.
+
+    Returns:
+        ``z``: ``(num_tokens, T, d)`` summaries of each token's own prefix, and the
+        ``(B, T, d + 1)`` state after each sequence's last token.
+    """
+    num_tokens, dim = hidden.shape
+    contributions = torch.cat(
+        [assignments.unsqueeze(-1) * hidden.unsqueeze(1), assignments.unsqueeze(-1)], dim=-1
+    )
+    # One scan over all packed tokens, then subtract the scan at each sequence start.
+    # fp64 makes that subtraction exact enough at any batch size (fp32 would lose digits
+    # to the other sequences' sums) without a host sync or a Python loop over sequences.
+    scan = torch.cat(
+        [contributions.new_zeros((1, *contributions.shape[1:]), dtype=torch.float64),
+         contributions.double().cumsum(dim=0)]
+    )
+    seq_of_token = sequence_index(cu_seqlens, num_tokens)
+    prefix = (scan[1:] - scan[cu_seqlens[seq_of_token]]).float() + initial_state[seq_of_token]
+    final_state = initial_state + (scan[cu_seqlens[1:]] - scan[cu_seqlens[:-1]]).float()
+    summaries = prefix[..., :dim] / (prefix[..., dim:] + eps)
+    return summaries, final_state
+
+
+class Summarize(nn.Module):
+    """Soft assignment of each token over T slots (``attention`` or ``soft_mos``)."""
+
+    def __init__(self, config: TalanConfig):
+        super().__init__()
+        self.method = config.clustering_method
+        d, t = config.hidden_size, config.n_themes
+        if self.method == "attention":
+            self.slot_queries = nn.Parameter(torch.randn(t, d))
+            self.scale = 1.0 / math.sqrt(d)
+        else:
+            r = config.mixer_dim
+            self.projection = nn.Linear(d, r, bias=False)
+            self.slot_queries = nn.Parameter(torch.randn(t, r))
+            self.slot_prior = nn.Parameter(torch.zeros(t))
+            self.scale = 1.0 / math.sqrt(r)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        if self.method == "attention":
+            logits = hidden @ self.slot_queries.float().t() * self.scale
+        else:
+            projected = _linear(self.projection, hidden)
+            logits = projected @ self.slot_queries.float().t() * self.scale
+            logits = logits + self.slot_prior.float()
+        return torch.softmax(logits, dim=-1)
+
+
+class MultiheadLocalMixer(nn.Module):
+    """Token attends over its own T slots in a shared r-dim space (one U for both)."""
+
+    def __init__(self, config: TalanConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.down = nn.Linear(config.hidden_size, config.mixer_dim, bias=False)
+        self.up = nn.Linear(config.mixer_dim, config.hidden_size, bias=False)
+
+    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor) -> Tensor:
+        n, t, _ = summaries.shape
+        query = _linear(self.down, hidden).view(n, self.num_heads, -1)
+        slots = _linear(self.down, summaries).view(n, t, self.num_heads, -1)
+        return self.up_project(_attend(query, slots, slots))
+
+    def up_project(self, mixed: Tensor) -> Tensor:
+        return _linear(self.up, mixed.reshape(mixed.shape[0], -1))
+
+
+class CrossAttnMixer(nn.Module):
+    """Token queries and slot keys/values through separate projections."""
+
+    def __init__(self, config: TalanConfig):
+        super().__init__()
+        d, r = config.hidden_size, config.mixer_dim
+        self.query = nn.Linear(d, r, bias=False)
+        self.key = nn.Linear(d, r, bias=False)
+        self.value = nn.Linear(d, r, bias=False)
+        self.out = nn.Linear(r, d, bias=False)
+
+    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor) -> Tensor:
+        query = _linear(self.query, hidden).unsqueeze(1)
+        keys = _linear(self.key, summaries).unsqueeze(2)
+        values = _linear(self.value, summaries).unsqueeze(2)
+        return _linear(self.out, _attend(query, keys, values).squeeze(1))
+
+
+class GatedCrossAttnMixer(CrossAttnMixer):
+    """cross_attn output H0 times a rank-r sigmoid gate of ``[X; H0]``."""
+
+    def __init__(self, config: TalanConfig):
+        super().__init__(config)
+        d, r = config.hidden_size, config.mixer_dim
+        self.gate_down = nn.Linear(2 * d, r, bias=False)
+        self.gate_up = nn.Linear(r, d, bias=True)
+
+    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor) -> Tensor:
+        attended = super().forward(hidden, summaries, assignments)
+        gate_input = torch.cat([hidden, attended], dim=-1)
+        gate = torch.sigmoid(_linear(self.gate_up, _linear(self.gate_down, gate_input)))
+        return gate * attended
+
+
+class PerTokenMixer(nn.Module):
+    """MLP over ``[X_i; sum_t A[i,t] z[i,t]]``, 2d -> r -> d."""
+
+    def __init__(self, config: TalanConfig):
+        super().__init__()
+        d, r = config.hidden_size, config.mixer_dim
+        self.fc_in = nn.Linear(2 * d, r)
+        self.fc_out = nn.Linear(r, d)
+
+    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor) -> Tensor:
+        mixed_summary = (assignments.unsqueeze(-1) * summaries).sum(dim=1)
+        inner = F.gelu(_linear(self.fc_in, torch.cat([hidden, mixed_summary], dim=-1)))
+        return _linear(self.fc_out, inner)
+
+
+def _attend(query: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """Per-token attention over its own slots: query (n, h, c), keys/values (n, T, h, c)."""
+    scores = torch.einsum("nhc,nthc->nht", query, keys) / math.sqrt(query.shape[-1])
+    return torch.einsum("nht,nthc->nhc", torch.softmax(scores, dim=-1), values)
+
+
+MIXERS: dict[str, type[nn.Module]] = {
+    "multihead_local": MultiheadLocalMixer,
+    "cross_attn": CrossAttnMixer,
+    "gated_cross_attn": GatedCrossAttnMixer,
+    "per_token_mix": PerTokenMixer,
+}
+
+
+class Writeback(nn.Module):
+    """``direct``: alpha * H; ``learned_gate``: v * 2 sigmoid(u.[X;H] + b) * H.
+
+    Holds exactly the parameters that ``trainable="gate_only"`` trains and that the
+    gradient scale leaves alone (alpha and the gate).
+    """
+
+    def __init__(self, config: TalanConfig):
+        super().__init__()
+        self.integration = config.integration_type
+        d = config.hidden_size
+        if self.integration == "direct":
+            self.alpha = nn.Parameter(torch.tensor(config.alpha))
+        else:
+            width = d if config.gate_type == "vector" else 1
+            self.gate_value = nn.Parameter(torch.full((width,), config.alpha))
+            self.gate_proj = nn.Parameter(torch.zeros(2 * d))
+            self.gate_bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, hidden: Tensor, perturbation: Tensor) -> Tensor:
+        """The additive update ``X~ - X``."""
+        if self.integration == "direct":
+            return self.alpha.float() * perturbation
+        modulation = torch.cat([hidden, perturbation], dim=-1) @ self.gate_proj.float()
+        modulation = 2.0 * torch.sigmoid(modulation + self.gate_bias.float())
+        return self.gate_value.float() * modulation.unsqueeze(-1) * perturbation
+
+
+class TalanBlock(nn.Module):
+    """``X~ = writeback(remix(summarize(X)))`` with the causal running summary.
+
+    ``enabled = False`` is the off switch: the block returns its input unchanged (and
+    leaves the state untouched), which makes the host exactly the adapter-only model.
+    """
+
+    def __init__(self, config: TalanConfig):
+        super().__init__()
+        self.config = config
+        self.summarize = Summarize(config)
+        self.mixer = MIXERS[config.network_type](config)
+        self.writeback = Writeback(config)
+        self.enabled = True
+
+    def perturbation(
+        self,
+        hidden: Tensor,
+        cu_seqlens: Tensor,
+        initial_state: Tensor | None = None,
+        token_weight: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """fp32 ``X~ - X`` for packed tokens, and each sequence's state after them.
+
+        Args:
+            hidden: ``(num_tokens, d)`` residual stream, any float dtype.
+            cu_seqlens: ``(B + 1,)`` offsets of the packed sequences (int64).
+            initial_state: ``(B, T, d + 1)`` carried state; None for fresh sequences.
+            token_weight: ``(num_tokens,)`` 1 for real tokens, 0 for padding, which then
+                contributes nothing to any summary.
+        """
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            x = hidden.float()
+            if initial_state is None:
+                initial_state = empty_state(self.config, cu_seqlens.numel() - 1, x.device)
+            assignments = self.summarize(x)
+            if token_weight is not None:
+                assignments = assignments * token_weight.to(assignments.dtype).unsqueeze(-1)
+            summaries, state = running_summary(
+                x, assignments, cu_seqlens, initial_state, self.config.eps
+            )
+            delta = self.writeback(x, self.mixer(x, summaries, assignments))
+        return delta, state
+
+    def forward(
+        self,
+        hidden: Tensor,
+        cu_seqlens: Tensor,
+        initial_state: Tensor | None = None,
+        token_weight: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Packed ``X~`` in ``hidden``'s dtype and the new state (see ``perturbation``)."""
+        if not self.enabled:
+            return hidden, initial_state
+        delta, state = self.perturbation(hidden, cu_seqlens, initial_state, token_weight)
+        return hidden + delta.to(hidden.dtype), state
+
+    def forward_padded(
+        self,
+        hidden: Tensor,
+        attention_mask: Tensor | None = None,
+        initial_state: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(B, S, d)`` batch; ``attention_mask`` ``(B, S)`` zero where padded."""
+        batch, seq_len, dim = hidden.shape
+        cu_seqlens = torch.arange(batch + 1, device=hidden.device, dtype=torch.long) * seq_len
+        weight = None if attention_mask is None else attention_mask.reshape(-1)
+        out, state = self.forward(hidden.reshape(-1, dim), cu_seqlens, initial_state, weight)
+        return out.view(batch, seq_len, dim), state
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``gate``: alpha and the gate; ``body``: the rest (what grad_scale multiplies)."""
+        gate = list(self.writeback.parameters())
+        gate_ids = {id(p) for p in gate}
+        body = [p for p in self.parameters() if id(p) not in gate_ids]
+        return {"gate": gate, "body": body}
+
+    def apply_trainable_scope(self, scope: str | None = None) -> None:
+        """Set ``requires_grad`` by the config's (or the given) trainability scope."""
+        scope = scope or self.config.trainable
+        groups = self.trainable_groups()
+        for p in groups["gate"]:
+            p.requires_grad_(scope in ("all", "gate_only"))
+        for p in groups["body"]:
+            p.requires_grad_(scope == "all")

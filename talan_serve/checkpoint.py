@@ -1,0 +1,208 @@
+"""The TALAN checkpoint directory: write it, and refuse to load a broken one.
+
+Layout (TALAN_SPEC.md section 3)::
+
+    talan_config.json          TalanConfig            (absent in a LoRA-only twin)
+    talan_model.safetensors    TalanBlock tensors     (absent in a LoRA-only twin)
+    adapter_config.json        PEFT adapter, as PEFT's save_pretrained writes it
+    adapter_model.safetensors
+    talan_manifest.json        base model + sha256 of every file above
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from talan_serve.block import TalanBlock
+from talan_serve.config import CONFIG_NAME, TalanConfig, TalanConfigError
+
+WEIGHTS_NAME = "talan_model.safetensors"
+MANIFEST_NAME = "talan_manifest.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FORMAT = "talan-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not hold what its manifest and config promise."""
+
+
+@dataclass
+class TalanCheckpoint:
+    """What a checkpoint directory holds, validated."""
+
+    path: Path
+    base_model: str
+    config: TalanConfig | None
+    state_dict: dict[str, Tensor] | None
+    adapter_dir: Path | None
+    manifest: dict[str, Any]
+
+    @property
+    def has_talan(self) -> bool:
+        return self.config is not None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    base_model: str,
+    block: TalanBlock | None = None,
+    peft_model: nn.Module | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint: TALAN block (if any), PEFT adapter (if any), manifest.
+
+    ``base_model`` is what a loader should load underneath: a registry name, a hub id
+    (resolved on a host that has it) or a path.
+    """
+    if block is None and peft_model is None:
+        raise ValueError("save_checkpoint: nothing to save (no TALAN block, no adapter)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[str] = []
+    if block is not None:
+        block.config.save(out)
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+                   for k, v in block.state_dict().items()}
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        files += [CONFIG_NAME, WEIGHTS_NAME]
+    if peft_model is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            peft_model.save_pretrained(tmp)
+            for name in ADAPTER_FILES:
+                shutil.copyfile(Path(tmp) / name, out / name)
+        files += list(ADAPTER_FILES)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base_model": str(base_model),
+        "talan": block is not None,
+        "adapter": peft_model is not None,
+        "files": {name: sha256_file(out / name) for name in files},
+        **({"metadata": metadata} if metadata else {}),
+    }
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: missing {path.name} ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable JSON ({what}): {err}") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({what})")
+    return record
+
+
+def _check_tensors(path: Path, config: TalanConfig, tensors: dict[str, Tensor]) -> None:
+    expected = {k: v for k, v in TalanBlock(config).state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing TALAN tensor(s): {', '.join(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected TALAN tensor(s): {', '.join(unexpected)}")
+    for name, want in expected.items():
+        got = tensors[name]
+        if got.shape != want.shape:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(got.shape)}, the config "
+                f"({config.network_type}, hidden_size={config.hidden_size}, "
+                f"mixer_dim={config.mixer_dim}, n_themes={config.n_themes}) needs {tuple(want.shape)}"
+            )
+        if got.dtype != torch.float32:
+            raise CheckpointError(f"{path}: tensor {name} is {got.dtype}, expected torch.float32")
+
+
+def load_checkpoint(
+    path: str | Path,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+) -> TalanCheckpoint:
+    """Read and validate a checkpoint directory.
+
+    With ``hidden_size``/``num_layers`` of the intended host, also refuses a config that
+    does not fit it. Every failure raises ``CheckpointError`` naming the problem.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
+    manifest = _read_json(root / MANIFEST_NAME, "checkpoint manifest")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{root / MANIFEST_NAME}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{root / MANIFEST_NAME}: format_version {manifest.get('format_version')!r} "
+            f"is not supported (this talan-serve reads {FORMAT_VERSION})"
+        )
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or not isinstance(manifest.get("base_model"), str):
+        raise CheckpointError(f"{root / MANIFEST_NAME}: needs 'files' and 'base_model'")
+    required = ([CONFIG_NAME, WEIGHTS_NAME] if manifest.get("talan") else []) + (
+        list(ADAPTER_FILES) if manifest.get("adapter") else [])
+    for name in required:
+        if name not in listed:
+            raise CheckpointError(f"{root / MANIFEST_NAME}: does not list {name}")
+    for name, digest in listed.items():
+        file = root / name
+        if not file.is_file():
+            raise CheckpointError(f"{root}: missing file {name} (listed in the manifest)")
+        actual = sha256_file(file)
+        if actual != digest:
+            raise CheckpointError(
+                f"{file}: checksum mismatch (manifest sha256 {digest[:12]}..., "
+                f"file {actual[:12]}...); the file changed after the checkpoint was written"
+            )
+
+    config, state_dict = None, None
+    if manifest.get("talan"):
+        try:
+            config = TalanConfig.load(root / CONFIG_NAME)
+        except TalanConfigError as err:
+            raise CheckpointError(f"{root / CONFIG_NAME}: {err}") from None
+        if hidden_size is not None and num_layers is not None:
+            try:
+                config.check_host(hidden_size, num_layers)
+            except TalanConfigError as err:
+                raise CheckpointError(f"{root}: {err}") from None
+        try:
+            state_dict = load_file(str(root / WEIGHTS_NAME))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{root / WEIGHTS_NAME}: unreadable safetensors: {err}") from None
+        _check_tensors(root / WEIGHTS_NAME, config, state_dict)
+    if manifest.get("adapter"):
+        _read_json(root / ADAPTER_FILES[0], "PEFT adapter config")
+    return TalanCheckpoint(
+        path=root,
+        base_model=manifest["base_model"],
+        config=config,
+        state_dict=state_dict,
+        adapter_dir=root if manifest.get("adapter") else None,
+        manifest=manifest,
+    )
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()

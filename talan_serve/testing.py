@@ -1,0 +1,187 @@
+"""Tiny random-weight hosts and checkpoints for tests and benchmarks (no hub needed).
+
+The hosts use the real transformers architectures (Qwen3, Qwen3-MoE, Llama, Qwen2) at a
+few layers and head_dim 32 (the smallest head size vLLM's CPU attention takes), with a
+byte-level BPE tokenizer trained offline on generated text and a ChatML chat template.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from talan_serve.config import TalanConfig
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB_SIZE = 512
+
+_WORDS = (
+    "the a of to and in is it you that he was for on are with as his they be at one have "
+    "this from or had by word but what some we can out other were all there when up use "
+    "your how said an each she which do their time if will way about many then them write "
+    "would like so these her long make thing see him two has look more day could go come "
+    "number sound no most people my over know water than call first who may down side been "
+    "now find any new work part take get place made live where after back little only round "
+    "man year came show every good me give our under name very through just form sentence "
+    "great think say help low line differ turn cause much mean before move right boy old "
+    "too same tell does set three want air well also play small end put home read hand port "
+    "large spell add even land here must big high such follow act why ask men change went "
+    "light kind off need house picture try us again animal point mother world near build "
+    "self earth father question answer plus minus times equals apples sum total solve"
+).split()
+
+
+def _corpus(seed: int, lines: int = 3000) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+        if rng.random() < 0.5:
+            words.insert(rng.randint(0, len(words)), str(rng.randint(0, 999)))
+        sentence = " ".join(words).capitalize() + rng.choice([".", "?", "!", ","])
+        out.append(sentence)
+    return out
+
+
+def build_tokenizer(out_dir: Path, seed: int = 0) -> Any:
+    """A byte-level BPE tokenizer with ChatML specials, trained on generated text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _host_config(arch: str, vocab_size: int) -> Any:
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.08,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=None,
+        dtype="float32",
+    )
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=32, **common)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(
+            head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+            decoder_sparse_step=1, norm_topk_prob=True, **common,
+        )
+    if arch == "llama":
+        return LlamaConfig(head_dim=32, **common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(f"unknown tiny architecture {arch!r}; use qwen3, qwen3_moe, llama or qwen2")
+
+
+TINY_ARCHS = ("qwen3", "qwen3_moe", "llama", "qwen2")
+
+
+def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random-weight HF model + tokenizer to ``out_dir`` (cached if present)."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out, seed)
+    config = _host_config(arch, vocab_size=max(VOCAB_SIZE, len(tokenizer)))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.save_pretrained(out)
+    return out
+
+
+def tiny_talan_config(hidden_size: int = 128, **overrides: Any) -> TalanConfig:
+    """A small TALAN config with a visible effect (alpha large enough to change logits)."""
+    fields: dict[str, Any] = dict(
+        hidden_size=hidden_size, connection_point="layer_1", n_themes=3, mixer_dim=32,
+        num_heads=4, alpha=0.5,
+    )
+    fields.update(overrides)
+    return TalanConfig(**fields)
+
+
+def randomize_gate(block: torch.nn.Module, seed: int = 0) -> None:
+    """Give the learned gate non-zero u, b (as after training), so tests exercise them."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in block.writeback.named_parameters():
+            if name in ("gate_proj", "gate_bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def build_tiny_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    lora: bool = True,
+    talan: bool = True,
+    seed: int = 0,
+    use_dora: bool = False,
+    **talan_overrides: Any,
+) -> Path:
+    """A TALAN(+LoRA) checkpoint for ``model_dir`` with random, non-trivial weights.
+
+    The LoRA B matrices are random (PEFT's default zero init would make LoRA a no-op,
+    hiding adapter bugs).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from talan_serve.checkpoint import save_checkpoint
+    from talan_serve.reference import attach_talan
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    block = None
+    if talan:
+        config = tiny_talan_config(model.config.hidden_size, **talan_overrides)
+        block = attach_talan(model, config)
+        randomize_gate(block, seed)
+    peft_model = None
+    if lora:
+        lora_config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False, use_dora=use_dora,
+        )
+        peft_model = get_peft_model(model, lora_config)
+    return save_checkpoint(out_dir, str(model_dir), block=block, peft_model=peft_model)
