@@ -130,7 +130,8 @@ def _check_tensors(path: Path, config: TalanConfig, tensors: dict[str, Tensor]) 
             raise CheckpointError(
                 f"{path}: tensor {name} has shape {tuple(got.shape)}, the config "
                 f"({config.network_type}, hidden_size={config.hidden_size}, "
-                f"mixer_dim={config.mixer_dim}, n_themes={config.n_themes}) needs {tuple(want.shape)}"
+                f"mixer_dim={config.mixer_dim}, n_themes={config.n_themes}) "
+                f"needs {tuple(want.shape)}"
             )
         if got.dtype != torch.float32:
             raise CheckpointError(f"{path}: tensor {name} is {got.dtype}, expected torch.float32")

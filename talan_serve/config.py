@@ -77,7 +77,7 @@ class TalanConfig:
             fail(f"type must be 'talan', got {self.type!r}")
         if not isinstance(self.hidden_size, int) or self.hidden_size <= 0:
             fail(f"hidden_size must be a positive integer, got {self.hidden_size!r}")
-        self.layer_index  # validates connection_point
+        _ = self.layer_index  # raises on a malformed connection_point
         if not isinstance(self.n_themes, int) or self.n_themes < 1:
             fail(f"n_themes must be an integer >= 1, got {self.n_themes!r}")
         for name, allowed in (
