@@ -40,6 +40,7 @@ class TalanPlacement:
         self.block = block
         self.decoder = decoder
         self.context: _CallContext | None = None
+        self.recorders: list[list[float]] = []
         self.handles = [
             decoder.register_forward_pre_hook(self._enter, with_kwargs=True),
             decoder.register_forward_hook(self._leave, always_call=True),
@@ -105,7 +106,16 @@ class TalanPlacement:
         out, new_state = self.block.forward_padded(hidden, context.token_mask, state)
         if context.cache is not None:
             setattr(context.cache, _STATE_ATTR, new_state)
+        if self.recorders:
+            self._record(hidden, out, context.token_mask)
         return out
+
+    def _record(self, hidden: Tensor, out: Tensor, token_mask: Tensor | None) -> None:
+        weight = 1.0 if token_mask is None else token_mask.unsqueeze(-1).float()
+        delta = ((out.float() - hidden.float()) * weight).norm()
+        ratio = float(delta / (hidden.float() * weight).norm().clamp_min(1e-30))
+        for recorder in self.recorders:
+            recorder.append(ratio)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -179,6 +189,23 @@ def talan_disabled(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         block.enabled = previous
+
+
+@contextlib.contextmanager
+def record_perturbation(model: nn.Module) -> Iterator[list[float]]:
+    """P1: collect ``||X~ - X||_F / ||X||_F`` at the insertion point, one per forward call.
+
+    Padding is left out of both norms.
+    """
+    block = find_talan(model)
+    if block is None:
+        raise ValueError("record_perturbation: the model has no TALAN block")
+    ratios: list[float] = []
+    block.placement.recorders.append(ratios)
+    try:
+        yield ratios
+    finally:
+        block.placement.recorders.remove(ratios)
 
 
 def load_reference(

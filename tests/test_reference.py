@@ -8,7 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from talan_serve.config import CLUSTERING_METHODS, INTEGRATION_TYPES, NETWORK_TYPES
-from talan_serve.reference import attach_talan, detach_talan, find_talan, talan_disabled
+from talan_serve.reference import (
+    attach_talan,
+    detach_talan,
+    find_talan,
+    record_perturbation,
+    talan_disabled,
+)
 from talan_serve.testing import randomize_gate, tiny_talan_config
 
 COMBOS = list(itertools.product(NETWORK_TYPES, INTEGRATION_TYPES, CLUSTERING_METHODS))
@@ -169,3 +175,18 @@ def test_resuming_a_cache_filled_without_talan_is_refused(host, with_talan):
         host(input_ids=ids, past_key_values=cache, use_cache=True)
     with pytest.raises(RuntimeError, match="no TALAN state"):
         host(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+@torch.no_grad()
+def test_p1_perturbation_ratio_is_reported_and_scales_with_alpha(host, with_talan):
+    block = with_talan(connection_point="layer_1", integration_type="direct", alpha=0.01)
+    ids = prompt_ids(9)
+    with record_perturbation(host) as ratios:
+        host(ids)
+        host(ids)
+    assert len(ratios) == 2 and ratios[0] == ratios[1] and 0 < ratios[0] < 0.1
+    with torch.no_grad():
+        block.writeback.alpha.mul_(3.0)
+    with record_perturbation(host) as tripled:
+        host(ids)
+    assert abs(tripled[0] / ratios[0] - 3.0) < 1e-4
