@@ -84,12 +84,18 @@ def save_checkpoint(
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                    for k, v in block.state_dict().items()}
         save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / WEIGHTS_NAME).chmod(0o644)  # safetensors creates it owner-only
         files += [CONFIG_NAME, WEIGHTS_NAME]
     if peft_model is not None:
         with tempfile.TemporaryDirectory() as tmp:
             peft_model.save_pretrained(tmp)
             for name in ADAPTER_FILES:
                 shutil.copyfile(Path(tmp) / name, out / name)
+        # PEFT records the base model's local path (a cache dir on this machine); the
+        # manifest's portable name is what a loader elsewhere can resolve.
+        adapter_config = json.loads((out / ADAPTER_FILES[0]).read_text())
+        adapter_config["base_model_name_or_path"] = str(base_model)
+        (out / ADAPTER_FILES[0]).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         files += list(ADAPTER_FILES)
     manifest = {
         "format": FORMAT,

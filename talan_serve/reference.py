@@ -5,6 +5,10 @@
 tokens are real (the 2-D attention mask) and where the running state lives: with a KV
 cache (``generate``), each sequence's state ``(N, D)`` is kept on the cache object, so
 cached decoding equals recomputing the full sequence at every step.
+
+Gradient checkpointing: a checkpointed decoder layer N replays its forward during
+backward, after the decoder call (and so this placement's context) has ended, where the
+``layer_N`` hook no longer applies TALAN. Leave layer N un-checkpointed (training does).
 """
 
 from __future__ import annotations

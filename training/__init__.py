@@ -1,0 +1,1 @@
+"""SFT training of LoRA/DoRA adapters with and without TALAN: ``talan-train``."""
