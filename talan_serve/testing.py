@@ -79,7 +79,7 @@ def build_tokenizer(out_dir: Path, seed: int = 0) -> Any:
     return fast
 
 
-def _host_config(arch: str, vocab_size: int) -> Any:
+def tiny_host_config(arch: str, vocab_size: int) -> Any:
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common: dict[str, Any] = dict(
@@ -123,7 +123,7 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out, seed)
-    config = _host_config(arch, vocab_size=max(VOCAB_SIZE, len(tokenizer)))
+    config = tiny_host_config(arch, vocab_size=max(VOCAB_SIZE, len(tokenizer)))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = config.eos_token_id

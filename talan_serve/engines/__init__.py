@@ -1,0 +1,1 @@
+"""Serving-engine integrations (one package per engine)."""

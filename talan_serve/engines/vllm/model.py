@@ -1,0 +1,246 @@
+"""TALAN twins of vLLM's own model classes, made by one generic mechanism.
+
+``TalanQwen3ForCausalLM`` *is* vLLM's ``Qwen3ForCausalLM`` (same ``__init__``, weights,
+LoRA, pipeline split, torch.compile) plus three things:
+
+* a ``TalanStateLayer`` (``self.talan``) whose state vLLM caches per request;
+* the decoder layer at the connection point gets a one-method subclass (its class is
+  swapped in place, so parameter names, LoRA targets and weight loading do not change)
+  that runs the side path on the full residual stream: before decoder layer 0 for
+  ``embedding``, after decoder layer N for ``layer_N``. vLLM's decoder layers return
+  ``(hidden, residual)`` with the stream ``X = hidden + residual``; the subclass returns
+  ``(delta, X)``, which the next layer's fused add-norm turns into ``X + delta`` exactly;
+* the hybrid-model interface (``IsHybrid``, ``HasInnerState``, mamba prefix caching) and
+  a config hook that makes vLLM treat the model as hybrid.
+
+The same mixin serves Qwen3, Qwen3-MoE, Qwen2 and Llama: nothing here knows a host.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from talan_serve.config import TalanConfig
+from talan_serve.engines.vllm import _compat
+
+# Where a prepared model directory keeps the TALAN side (not globbed by vLLM's loader).
+TALAN_SUBDIR = "talan"
+TALAN_WEIGHTS = "talan_model.safetensors"
+CONFIG_KEY = "talan"
+LAYER_NAME = "talan"
+LAYER_TYPE = "talan"
+
+
+def talan_config_from_hf(hf_config: Any) -> TalanConfig:
+    record = getattr(hf_config, CONFIG_KEY, None)
+    if record is None:
+        raise ValueError(
+            "talan-serve: this model's config.json has no 'talan' section; build the "
+            "model folder with talan_serve.engines.vllm.prepare_model_dir"
+        )
+    if isinstance(record, TalanConfig):
+        return record
+    return TalanConfig.from_dict(dict(record))
+
+
+# --- the connection point ------------------------------------------------------------------
+
+_PATCHED_LAYER_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def _with_side_path(layer_cls: type, where: str) -> type:
+    """``layer_cls`` with the TALAN side path before (``embedding``) or after its forward."""
+    key = (layer_cls, where)
+    if key in _PATCHED_LAYER_CLASSES:
+        return _PATCHED_LAYER_CLASSES[key]
+
+    def side_path(self, stream: torch.Tensor) -> torch.Tensor:
+        delta = torch.empty_like(stream)
+        getattr(torch.ops, _compat.OP_NAMESPACE).talan_side_path(stream, delta, self._talan_name)
+        return delta
+
+    if where == "before":
+
+        def forward(self, positions, hidden_states, residual, *args, **kwargs):
+            if residual is not None:  # only reachable through pipeline hand-over tensors
+                hidden_states, residual = hidden_states + residual, None
+            hidden_states = hidden_states + side_path(self, hidden_states)
+            return layer_cls.forward(self, positions, hidden_states, residual, *args, **kwargs)
+
+    else:
+
+        def forward(self, positions, hidden_states, residual, *args, **kwargs):
+            hidden, residual = layer_cls.forward(
+                self, positions, hidden_states, residual, *args, **kwargs
+            )
+            stream = hidden + residual
+            # Next: residual = delta + stream, i.e. X + delta with one rounding, like the
+            # reference block's ``hidden + delta``.
+            return side_path(self, stream), stream
+
+    patched = type(f"Talan{where.capitalize()}{layer_cls.__name__}", (layer_cls,), {
+        "forward": forward,
+        "__module__": __name__,
+    })
+    _PATCHED_LAYER_CLASSES[key] = patched
+    return patched
+
+
+def install_side_path(
+    decoder: torch.nn.Module, config: TalanConfig, layer: torch.nn.Module
+) -> bool:
+    """Swap the class of the decoder layer at ``config``'s connection point.
+
+    Returns False when that layer lives on another pipeline stage.
+    """
+    index = config.layer_index
+    position, where = (0, "before") if index is None else (index, "after")
+    target = decoder.layers[position]
+    if type(target).__name__ == "PPMissingLayer":
+        return False
+    target.__class__ = _with_side_path(type(target), where)
+    # The op finds the state layer by name in vLLM's forward context; the layer itself
+    # stays a submodule of the model only (``talan``), so parameter names do not change.
+    target._talan_name = layer.prefix
+    return True
+
+
+# --- the model mixin -----------------------------------------------------------------------
+
+HasInnerState, IsHybrid, SupportsMambaPrefixCaching = _compat.hybrid_interfaces()
+
+
+class TalanModelMixin:
+    """Mixed in front of a vLLM causal-LM class; see the module docstring.
+
+    The hybrid-model interfaces go after the host class in the bases (they are
+    ``Protocol`` classes, whose ``__init__`` would otherwise shadow the host's).
+    """
+
+    is_hybrid = True
+    has_inner_state = True
+    supports_mamba_prefix_caching = True
+
+    def __init__(self, *, vllm_config: Any, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        from talan_serve.engines.vllm.layer import TalanStateLayer, TalanStatePlaceholder
+
+        hf_config = vllm_config.model_config.hf_config
+        config = talan_config_from_hf(hf_config)
+        config.check_host(hf_config.hidden_size, hf_config.num_hidden_layers)
+        self.talan_config = config
+        self.talan_model_dir = Path(vllm_config.model_config.model)
+        # vLLM orders state/KV caches by the one integer in a layer name; TALAN's state
+        # takes the index after the last decoder layer (as vLLM's MTP layers do).
+        name = f"{LAYER_NAME}.{hf_config.num_hidden_layers}"
+        name = f"{prefix}.{name}" if prefix else name
+        self.talan = TalanStateLayer(
+            config, prefix=name, max_num_seqs=vllm_config.scheduler_config.max_num_seqs
+        )
+        if not install_side_path(self.model, config, self.talan):
+            del self.talan  # the connection point is on another pipeline stage
+            return
+        # One KV-cache group for the attention layers, one for the state (see
+        # TalanStatePlaceholder): N - 1 placeholders named after the decoder layers.
+        num_layers = self.model.end_layer - self.model.start_layer
+        base = f"{prefix}.{LAYER_NAME}" if prefix else LAYER_NAME
+        self.talan_placeholders = [
+            TalanStatePlaceholder(config, f"{base}_placeholder.{hf_config.num_hidden_layers + i}")
+            for i in range(1, num_layers)
+        ]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        host_weights = ((n, w) for n, w in weights if not n.startswith(f"{LAYER_NAME}."))
+        loaded = set(super().load_weights(host_weights))
+        if hasattr(self, "talan"):
+            path = self.talan_model_dir / TALAN_SUBDIR / TALAN_WEIGHTS
+            state_dict = load_file(str(path))
+            self.talan.block.load_state_dict(state_dict, strict=True)
+            self.talan.block.float()
+            loaded |= {f"{LAYER_NAME}.block.{name}" for name in state_dict}
+        return loaded
+
+    # --- hybrid-model interface (classmethods: vLLM sizes the cache before building) --
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: Any) -> tuple[tuple[int, int]]:
+        config = talan_config_from_hf(vllm_config.model_config.hf_config)
+        return ((config.n_themes, config.hidden_size + 1),)
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: Any) -> tuple[torch.dtype]:
+        return (torch.float32,)
+
+    @classmethod
+    def get_mamba_state_copy_func(cls) -> tuple:
+        return (_compat.temporal_state_copy_func(),)
+
+
+def talan_model_class(host_cls: type) -> type:
+    bases = (TalanModelMixin, host_cls, HasInnerState, IsHybrid, SupportsMambaPrefixCaching)
+    return type(_compat.talan_architecture(host_cls.__name__), bases, {"__module__": __name__})
+
+
+def _host_class(architecture: str) -> type:
+    return getattr(importlib.import_module(_compat.HOST_ARCHITECTURES[architecture]), architecture)
+
+
+def __getattr__(name: str) -> type:
+    # TalanQwen3ForCausalLM etc. are built on first access (vLLM imports them lazily).
+    for host in _compat.HOST_ARCHITECTURES:
+        if name == _compat.talan_architecture(host):
+            cls = talan_model_class(_host_class(host))
+            globals()[name] = cls
+            return cls
+    raise AttributeError(name)
+
+
+# --- config hook ---------------------------------------------------------------------------
+
+
+class TalanHybridConfig(_compat.verify_and_update_base()):
+    """Runs inside vLLM's config construction for TALAN architectures."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        hf_config = model_config.hf_config
+        config = talan_config_from_hf(hf_config)
+        config.check_host(hf_config.hidden_size, hf_config.num_hidden_layers)
+        # vLLM calls a model hybrid when its layer_types are not all attention. Like
+        # vLLM's MTP support, append an entry past the decoder layers for TALAN's state.
+        layer_types = list(getattr(hf_config, "layer_types", None) or
+                           ["full_attention"] * hf_config.num_hidden_layers)
+        if LAYER_TYPE not in layer_types:
+            hf_config.layer_types = [*layer_types, LAYER_TYPE]
+        if getattr(hf_config, "use_sliding_window", False):
+            raise ValueError("talan-serve: hosts with sliding-window layers are not supported")
+        if hasattr(hf_config, "max_window_layers"):
+            # Qwen2-family models assert this once layer_types hold several kinds.
+            hf_config.max_window_layers = hf_config.num_hidden_layers
+        # The off switch reaches the forward through this V1 logits processor.
+        processors = list(model_config.logits_processors or [])
+        fqcn = "talan_serve.engines.vllm.switch:TalanSwitch"
+        if fqcn not in processors:
+            model_config.logits_processors = [*processors, fqcn]
+        if os.environ.get(_compat.V2_RUNNER_ENV, "0") not in ("0", "false", "False"):
+            raise ValueError(
+                "talan-serve: TALAN models run on vLLM's V1 model runner (the per-request "
+                f"off switch uses its logits-processor hook); unset {_compat.V2_RUNNER_ENV}"
+            )
+        os.environ[_compat.V2_RUNNER_ENV] = "0"
+
+    @classmethod
+    def verify_and_update_config(cls, vllm_config: Any) -> None:
+        if vllm_config.speculative_config is not None:
+            raise ValueError(
+                "talan-serve: speculative decoding is not supported for TALAN models: draft "
+                "tokens would advance the running summary before they are accepted"
+            )
+        _compat.add_splitting_op(vllm_config.compilation_config)

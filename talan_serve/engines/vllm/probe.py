@@ -1,0 +1,54 @@
+"""Read TALAN's per-request state out of a running vLLM engine (tests and GPU checks).
+
+Every token's soft assignment sums to 1 over the T slots, so a request's running mass
+``sum_t D[t]`` equals the number of tokens its state has absorbed. Reading it after each
+engine step shows whether the side path acted on every token, including decode steps
+replayed from CUDA graphs (property 3 of TALAN_SPEC.md section 4).
+
+Use with ``LLM.collective_rpc(running_state_masses)`` (module-level functions pickle by
+reference, so this also works with the multi-process engine).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _runner(worker: Any) -> Any:
+    return getattr(worker, "worker", worker).model_runner
+
+
+def _talan_layer(runner: Any) -> Any:
+    from talan_serve.engines.vllm.layer import TalanStateLayer
+
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    for module in model.modules():
+        if isinstance(module, TalanStateLayer):
+            return module
+    raise LookupError("talan-serve: this engine's model has no TALAN state layer")
+
+
+def _state_group(runner: Any) -> int:
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    for index, group in enumerate(runner.kv_cache_config.kv_cache_groups):
+        if isinstance(group.kv_cache_spec, MambaSpec):
+            return index
+    raise LookupError("talan-serve: no state-cache group in this engine")
+
+
+def running_state_masses(worker: Any) -> dict[str, float]:
+    """``{request id: sum_t D[t]}`` for the requests in the worker's current batch.
+
+    Valid with ``enable_prefix_caching=False`` (one state slot per request).
+    """
+    runner = _runner(worker)
+    if runner.cache_config.mamba_cache_mode != "none":
+        raise ValueError("running_state_masses needs enable_prefix_caching=False")
+    states = _talan_layer(runner).kv_cache[0]
+    table = runner.input_batch.block_table[_state_group(runner)].block_table.np
+    masses = {}
+    for row, request_id in enumerate(runner.input_batch.req_ids):
+        slot = int(table[row, 0])
+        masses[request_id] = float(states[slot, :, -1].double().sum().item())
+    return masses
