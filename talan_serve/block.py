@@ -48,7 +48,7 @@ def sequence_index(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
 def running_summary(
     hidden: Tensor,
     assignments: Tensor,
-    cu_seqlens: Tensor,
+    cu_seqlens: Tensor | None,
     initial_state: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
@@ -57,7 +57,8 @@ def running_summary(
     Args:
         hidden: ``(num_tokens, d)`` fp32, packed sequences.
         assignments: ``(num_tokens, T)`` fp32 soft assignments A; zero rows contribute nothing.
-        cu_seqlens: ``(B + 1,)`` int64 offsets of each sequence in the packed tokens.
+        cu_seqlens: ``(B + 1,)`` int64 offsets of each sequence in the packed tokens, or
+            None for a decode step: one token per sequence (``B = num_tokens``).
         initial_state: ``(B, T, d + 1)`` fp32 state carried in from earlier tokens.
 
     Returns:
@@ -68,6 +69,10 @@ def running_summary(
     contributions = torch.cat(
         [assignments.unsqueeze(-1) * hidden.unsqueeze(1), assignments.unsqueeze(-1)], dim=-1
     )
+    if cu_seqlens is None:
+        # A decode step: the same recurrence with a scan of length one.
+        final_state = initial_state + contributions
+        return final_state[..., :dim] / (final_state[..., dim:] + eps), final_state
     # One scan over all packed tokens, then subtract the scan at each sequence start.
     # fp64 makes that subtraction exact enough at any batch size (fp32 would lose digits
     # to the other sequences' sums) without a host sync or a Python loop over sequences.
@@ -237,7 +242,7 @@ class TalanBlock(nn.Module):
     def perturbation(
         self,
         hidden: Tensor,
-        cu_seqlens: Tensor,
+        cu_seqlens: Tensor | None,
         initial_state: Tensor | None = None,
         token_weight: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -245,7 +250,8 @@ class TalanBlock(nn.Module):
 
         Args:
             hidden: ``(num_tokens, d)`` residual stream, any float dtype.
-            cu_seqlens: ``(B + 1,)`` offsets of the packed sequences (int64).
+            cu_seqlens: ``(B + 1,)`` offsets of the packed sequences (int64), or None for
+                a decode step (one token per sequence, each continuing ``initial_state``).
             initial_state: ``(B, T, d + 1)`` carried state; None for fresh sequences.
             token_weight: ``(num_tokens,)`` 1 for real tokens, 0 for padding, which then
                 contributes nothing to any summary.
@@ -253,7 +259,8 @@ class TalanBlock(nn.Module):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             x = hidden.float()
             if initial_state is None:
-                initial_state = empty_state(self.config, cu_seqlens.numel() - 1, x.device)
+                num_seqs = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+                initial_state = empty_state(self.config, num_seqs, x.device)
             assignments = self.summarize(x)
             if token_weight is not None:
                 assignments = assignments * token_weight.to(assignments.dtype).unsqueeze(-1)
@@ -266,7 +273,7 @@ class TalanBlock(nn.Module):
     def forward(
         self,
         hidden: Tensor,
-        cu_seqlens: Tensor,
+        cu_seqlens: Tensor | None,
         initial_state: Tensor | None = None,
         token_weight: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:

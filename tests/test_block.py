@@ -71,10 +71,20 @@ def test_packed_equals_per_sequence_equals_incremental(
             # one token at a time, carrying the state: a decode loop
             state, steps = None, []
             for token in seq:
-                out, state = block(token[None], torch.tensor([0, 1]), state)
+                out, state = block(token[None], None, state)  # decode-step entry point
                 steps.append(out)
             torch.testing.assert_close(torch.cat(steps), alone, rtol=0, atol=1e-5)
             torch.testing.assert_close(state, alone_state, rtol=0, atol=1e-4)
+
+
+def test_decode_step_entry_equals_packed_one_token_sequences():
+    block = make_block("gated_cross_attn", clustering_method="soft_mos")
+    x, state = torch.randn(5, D), torch.rand(5, 3, D + 1) * 4
+    with torch.no_grad():
+        step, step_state = block(x, None, state)
+        packed, packed_state = block(x, torch.arange(6), state)
+    torch.testing.assert_close(step, packed, rtol=0, atol=1e-6)
+    torch.testing.assert_close(step_state, packed_state, rtol=0, atol=1e-6)
 
 
 def test_mixed_batch_of_prefill_chunks_and_decode_steps():

@@ -156,7 +156,7 @@ class TalanStateLayer(MambaBase, nn.Module):
             slots = metadata.state_indices_tensor_d[:, 0].long()
             resume = metadata.has_initial_states_d
             num_seqs = num_tokens = slots.shape[0]
-            cu_seqlens = torch.arange(num_seqs + 1, device=stream.device, dtype=torch.long)
+            cu_seqlens = None  # the block's decode-step entry: one token per sequence
             token_seq = None
         else:
             prefill_slots = metadata.state_indices_tensor_p.long()
