@@ -1,0 +1,112 @@
+"""The FastAPI app: routes, error mapping, lifespan. Endpoint logic lives in its own module."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.chat import create_chat_completion
+from server.completions import create_completion
+from server.engine import Engine, EngineDeadError
+from server.errors import APIError, bad_request
+from server.http import check_auth, parse, read_json
+from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.state import ServerSettings, ServerState
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    state = ServerState(engine, settings or ServerSettings())
+    started = int(time.time())
+    Gauge("talan_serve_engine_unfinished_requests",
+          "Requests the engine still holds (0 when idle; a leak check)",
+          registry=state.metrics.registry).set_function(engine.num_unfinished)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # Reached after uvicorn has drained in-flight requests (SIGTERM/SIGINT).
+        await engine.shutdown()
+
+    app = FastAPI(title="talan-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        return bad_request(str(error.errors()[:1])).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return APIError(error.status_code, str(error.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def server_fault(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return APIError(500, f"internal error: {type(error).__name__}",
+                        type="server_error").response()
+
+    def guard(request: Request) -> None:
+        check_auth(request, state.settings.api_key)
+
+    def check_model(name: str | None) -> None:
+        if not state.accepts_model(name):
+            raise APIError(404, f"The model '{name}' does not exist; this server serves "
+                           f"'{engine.info.name}'", type="not_found_error", param="model",
+                           code="model_not_found")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.admission.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        try:
+            await engine.health()
+        except EngineDeadError as error:
+            return JSONResponse({"status": "engine_dead", "detail": str(error)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> ModelList:
+        guard(request)
+        info = engine.info
+        return ModelList(data=[ModelCard(id=name, created=started,
+                                         max_model_len=info.max_model_len, talan=info.talan)
+                               for name in (info.name, *state.settings.served_names)])
+
+    async def handle(request: Request, endpoint: str, schema, create) -> Response:
+        try:
+            guard(request)
+            body = parse(schema, await read_json(request, state.settings.max_body_bytes))
+            check_model(body.model)
+            response = await create(state, body, request)
+        except APIError as error:
+            state.metrics.requests.labels(endpoint, str(error.status)).inc()
+            raise
+        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, "completions", CompletionRequest, create_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await handle(request, "chat", ChatCompletionRequest, create_chat_completion)
+
+    return app

@@ -1,0 +1,247 @@
+"""vLLM (V1 ``AsyncLLM``) behind the ``Engine`` protocol.
+
+The front end hands over token ids; vLLM schedules, batches, detokenizes (stop strings
+need text) and computes logprobs. Everything vLLM-version specific stays in this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.engine import (
+    EngineDeadError,
+    EngineInputError,
+    GenerateOutput,
+    GenerateRequest,
+    ModelInfo,
+    PositionLogprobs,
+    SequenceDelta,
+    TokenLogprob,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VllmEngineConfig:
+    model_dir: str
+    served_name: str
+    talan_checkpoint: str | None = None
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    deterministic: bool = False
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    seed: int = 0
+    extra_engine_args: dict[str, Any] = field(default_factory=dict)
+
+
+def _on_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda_alike()
+
+
+@dataclass
+class PreparedDir:
+    path: str
+    lora_request: Any  # vllm LoRARequest for an unmerged adapter, else None
+    lora_rank: int | None
+    cleanup: str | None  # a temporary folder to delete at shutdown
+
+
+def prepare_model(config: VllmEngineConfig) -> PreparedDir:
+    """The directory vLLM loads: the base model, or a TALAN view of it plus its adapter.
+
+    The TALAN vLLM plugin (talan_serve.engines.vllm) owns how a checkpoint becomes
+    loadable; this adapter only asks it for the folder and the LoRA request.
+    """
+    if config.talan_checkpoint is None:
+        return PreparedDir(config.model_dir, None, None, None)
+    from talan_serve.engines.vllm import prepare_model_dir
+    from talan_serve.models import cache_root
+
+    root = cache_root() / "prepared"
+    root.mkdir(parents=True, exist_ok=True)
+    # One folder per server process: two servers never rewrite each other's folder.
+    out = tempfile.mkdtemp(prefix="vllm-", dir=root)
+    prepared = prepare_model_dir(config.talan_checkpoint, out, base_model_dir=config.model_dir)
+    return PreparedDir(str(prepared.path), prepared.lora_request(), prepared.lora_rank, out)
+
+
+# vLLM sizes LoRA buffers for one of these ranks (vllm/config/lora.py, MaxLoRARanks).
+LORA_RANK_SLOTS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_slot(rank: int) -> int:
+    for slot in LORA_RANK_SLOTS:
+        if slot >= rank:
+            return slot
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest ({LORA_RANK_SLOTS[-1]})")
+
+
+def engine_args(config: VllmEngineConfig, prepared: PreparedDir) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    kwargs: dict[str, Any] = dict(
+        model=prepared.path,
+        served_model_name=config.served_name,
+        dtype=config.dtype,
+        seed=config.seed,
+        enforce_eager=config.enforce_eager,
+        tensor_parallel_size=config.tensor_parallel_size,
+    )
+    if prepared.lora_request is not None:
+        kwargs["enable_lora"] = True
+        kwargs["max_loras"] = 1
+        kwargs["max_lora_rank"] = lora_rank_slot(prepared.lora_rank or 8)
+    if config.max_model_len is not None:
+        kwargs["max_model_len"] = config.max_model_len
+    if config.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = config.max_num_seqs
+    if config.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+    if config.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    if config.deterministic and not _on_cuda():
+        # No batch-invariant kernels on CPU: run one sequence at a time, so a request's
+        # numerics never see another request, and never reuse KV computed under a
+        # different chunking (prefix cache).
+        kwargs["max_num_seqs"] = 1
+        kwargs["enable_prefix_caching"] = False
+    kwargs.update(config.extra_engine_args)
+    return AsyncEngineArgs(**kwargs)
+
+
+def _logprobs(positions: Any) -> list[PositionLogprobs | None]:
+    return [
+        None
+        if position is None
+        else {
+            token_id: TokenLogprob(lp.logprob, lp.rank, lp.decoded_token or "")
+            for token_id, lp in position.items()
+        }
+        for position in positions
+    ]
+
+
+class VllmEngine:
+    """``Engine`` over vLLM's AsyncLLM (engine core in its own process, as in vLLM's server)."""
+
+    def __init__(self, config: VllmEngineConfig) -> None:
+        if config.deterministic and _on_cuda():
+            # vLLM's batch-invariant kernels (read at engine start).
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.config = config
+        self._prepared = prepare_model(config)
+        self._llm = AsyncLLM.from_engine_args(engine_args(config, self._prepared))
+        model_config = self._llm.model_config
+        tokenizer = AutoTokenizer.from_pretrained(Path(config.model_dir))
+        self.info = ModelInfo(
+            name=config.served_name,
+            max_model_len=model_config.max_model_len,
+            tokenizer=tokenizer,
+            vocab_size=model_config.get_vocab_size(),
+            talan=config.talan_checkpoint is not None,
+        )
+
+    def _sampling_params(self, request: GenerateRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        options = request.sampling
+        extra_args = None if options.talan_enabled else {"talan": {"enabled": False}}
+        return SamplingParams(
+            n=options.n,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k if options.top_k > 0 else 0,
+            seed=options.seed,
+            stop=list(options.stop) or None,
+            stop_token_ids=list(options.stop_token_ids) or None,
+            logprobs=options.logprobs,
+            prompt_logprobs=options.prompt_logprobs,
+            ignore_eos=options.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args=extra_args,
+        )
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError
+
+        try:
+            params = self._sampling_params(request)
+        except (VLLMValidationError, ValueError) as error:
+            raise EngineInputError(str(error)) from error
+        prompt = {"prompt_token_ids": request.prompt_token_ids}
+        first = True
+        history: dict[int, tuple[list[int], list[str]]] = {}
+        try:
+            stream = self._llm.generate(prompt, params, request.request_id,
+                                        lora_request=self._prepared.lora_request)
+            async for out in stream:
+                sequences = []
+                for seq in out.outputs:
+                    delta = SequenceDelta(
+                        index=seq.index,
+                        token_ids=list(seq.token_ids),
+                        text=seq.text,
+                        logprobs=_logprobs(seq.logprobs) if seq.logprobs is not None else None,
+                        finish_reason=seq.finish_reason,
+                    )
+                    ids, texts = history.setdefault(seq.index, ([], []))
+                    ids.extend(delta.token_ids)
+                    texts.append(delta.text)
+                    if delta.finish_reason == "length":
+                        delta.text += self._held_back(ids, "".join(texts))
+                    sequences.append(delta)
+                prompt_logprobs = None
+                if first and out.prompt_logprobs is not None:
+                    prompt_logprobs = _logprobs(out.prompt_logprobs)
+                first = False
+                yield GenerateOutput(request.request_id, sequences, out.finished, prompt_logprobs)
+        except VllmDeadError as error:
+            raise EngineDeadError(str(error)) from error
+        except (VLLMValidationError, ValueError) as error:
+            raise EngineInputError(str(error)) from error
+
+    def _held_back(self, token_ids: list[int], text: str) -> str:
+        """Text vLLM's incremental detokenizer still holds when a sequence hits its length.
+
+        It waits for the rest of a multi-byte character that will never come; a full
+        decode (what transformers and lm-eval's hf backend return) shows those bytes
+        as U+FFFD. Not used after a stop string, whose text vLLM deliberately cut.
+        """
+        full = self.info.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return full[len(text):] if len(full) > len(text) and full.startswith(text) else ""
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def health(self) -> None:
+        if self._llm.errored:
+            raise EngineDeadError(str(self._llm.dead_error))
+        await self._llm.check_health()
+
+    def num_unfinished(self) -> int:
+        return self._llm.get_num_unfinished_requests()
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()
+        if self._prepared.cleanup is not None:
+            shutil.rmtree(self._prepared.cleanup, ignore_errors=True)

@@ -1,0 +1,125 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from server.errors import APIError, bad_request
+from server.http import DONE, on_disconnect, sse, stream_events
+from server.logprobs import chat_logprobs
+from server.prompts import chat_prompt, check_prompt
+from server.runner import Run
+from server.sampling import sampling_options
+from server.schemas import ChatCompletionRequest, ChatCompletionResponse
+from server.state import ServerState
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    started: bool = False
+
+
+def _finish(reason: str | None) -> str | None:
+    return None if reason is None else ("stop" if reason == "abort" else reason)
+
+
+async def create_chat_completion(
+    state: ServerState, body: ChatCompletionRequest, request: Request
+):
+    info = state.engine.info
+    prompt = chat_prompt(info, body)
+    if body.max_completion_tokens is not None and body.max_tokens is not None \
+            and body.max_completion_tokens != body.max_tokens:
+        raise bad_request("max_tokens and max_completion_tokens disagree", "max_completion_tokens")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:
+        # OpenAI's default: whatever the context has left.
+        max_tokens = max(info.max_model_len - len(prompt.token_ids), 1)
+    check_prompt(info, prompt.token_ids, max_tokens, "messages")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+    top_k = body.top_logprobs or 0
+    sampling = sampling_options(body, max_tokens, top_k if body.logprobs else None)
+    run = Run(state.engine, state.admission, state.metrics, "chat", [prompt.token_ids], sampling)
+    created = int(time.time())
+    response_id = f"chatcmpl-{run.request_id}"
+    choices = {i: _Choice() for i in range(body.n)}
+
+    def usage() -> dict:
+        completion = sum(len(c.token_ids) for c in choices.values())
+        return {"prompt_tokens": len(prompt.token_ids), "completion_tokens": completion,
+                "total_tokens": len(prompt.token_ids) + completion}
+
+    def add(choice: _Choice, seq) -> list[dict] | None:
+        choice.text.append(seq.text)
+        choice.token_ids.extend(seq.token_ids)
+        if body.logprobs and seq.logprobs is not None:
+            entries = chat_logprobs(seq.token_ids, seq.logprobs, top_k)
+            choice.logprobs.extend(entries)
+            return entries
+        return None
+
+    if not body.stream:
+        async with on_disconnect(request, lambda: run.abort("client_disconnect")):
+            async for _, output in run.outputs():
+                for seq in output.sequences:
+                    choice = choices[seq.index]
+                    add(choice, seq)
+                    if seq.finish_reason is not None:
+                        choice.finish_reason = _finish(seq.finish_reason)
+        state.metrics.latency.labels("chat").observe(time.monotonic() - run.start)
+        response = ChatCompletionResponse(
+            id=response_id, created=created, model=info.name, usage=usage(),
+            choices=[
+                {"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
+                 "logprobs": {"content": c.logprobs} if body.logprobs else None,
+                 "finish_reason": c.finish_reason}
+                for i, c in choices.items()
+            ],
+        )
+        return Response(content=response.model_dump_json(), media_type="application/json")
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    def chunk(index: int, delta: dict, logprobs, finish: str | None) -> str:
+        return sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
+                    "model": info.name,
+                    "choices": [{"index": index, "delta": delta,
+                                 "logprobs": None if logprobs is None else {"content": logprobs},
+                                 "finish_reason": finish}]})
+
+    async def events() -> AsyncIterator[str]:
+        sent = False
+        try:
+            async for _, output in run.outputs():
+                for seq in output.sequences:
+                    choice = choices[seq.index]
+                    entries = add(choice, seq)
+                    delta: dict = {"content": seq.text}
+                    if not choice.started:
+                        choice.started = True
+                        delta = {"role": "assistant", "content": seq.text}
+                    sent = True
+                    yield chunk(seq.index, delta, entries, _finish(seq.finish_reason))
+        except APIError as error:
+            if not sent:
+                raise
+            yield sse(error.body())
+        else:
+            if include_usage:
+                yield sse({"id": response_id, "object": "chat.completion.chunk",
+                           "created": created, "model": info.name, "choices": [],
+                           "usage": usage()})
+            state.metrics.latency.labels("chat").observe(time.monotonic() - run.start)
+        yield DONE
+
+    return await stream_events(request, events(), lambda: run.abort("client_disconnect"))

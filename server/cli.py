@@ -1,0 +1,156 @@
+"""``talan-serve``: resolve a model name, start an engine, serve the OpenAI API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.backends import BACKENDS
+
+logger = logging.getLogger("talan-serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="talan-serve",
+        description="OpenAI-compatible server for TALAN models (vLLM engine).",
+    )
+    p.add_argument("--model", default=None,
+                   help="registry name (default: smollm2-talan-demo), a TALAN checkpoint "
+                        "directory, or a plain HF model directory")
+    p.add_argument("--talan", default=None, metavar="CKPT",
+                   help="TALAN checkpoint directory to apply to --model")
+    p.add_argument("--engine", default="vllm", choices=BACKENDS)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TALAN_SERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (env TALAN_SERVE_API_KEY)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="a request's output does not depend on other in-flight requests")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--checkpoint-root", default=None,
+                   help="folder holding registry checkpoints (env TALAN_SERVE_CHECKPOINT_ROOT)")
+    p.add_argument("--served-model-name", default=None,
+                   help="name clients use in the 'model' field (default: --model)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="engine batch limit (sequences decoded together)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="admitted requests beyond which the server answers 429")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds SIGTERM waits for in-flight requests before exiting")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="skip graph capture/compilation (fast start, slower decode)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+@dataclass
+class Plan:
+    """What to serve, resolved from the arguments before any engine is built."""
+
+    served_name: str
+    model_dir: str
+    checkpoint: str | None
+
+
+def resolve(args: argparse.Namespace) -> Plan:
+    from talan_serve.registry import DEFAULT_MODEL, resolve_model
+
+    name = args.model or DEFAULT_MODEL
+    resolved = resolve_model(name, args.checkpoint_root)
+    checkpoint = args.talan or (str(resolved.checkpoint) if resolved.checkpoint else None)
+    served = args.served_model_name or name
+    return Plan(served, str(resolved.base_model), checkpoint)
+
+
+def _cpu_defaults() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        # vLLM's CPU backend otherwise sizes the KV cache from a memory check that fails on
+        # small hosts; 1 GiB holds the default model's context many times over.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from talan_serve.registry import MissingCheckpointError, UnknownModelError
+
+    try:
+        plan = resolve(args)
+    except (MissingCheckpointError, UnknownModelError) as error:
+        print(f"talan-serve: {error}", file=sys.stderr)
+        return 2
+    if args.talan is not None and not Path(args.talan).is_dir():
+        print(f"talan-serve: --talan {args.talan}: no such checkpoint directory",
+              file=sys.stderr)
+        return 2
+    _cpu_defaults()
+    return serve(args, plan)
+
+
+def serve(args: argparse.Namespace, plan: Plan) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.backends import make_engine
+    from server.state import ServerSettings
+
+    logger.info("serving %s (model %s, TALAN %s) with %s", plan.served_name, plan.model_dir,
+                plan.checkpoint or "none", args.engine)
+    engine = make_engine(
+        args.engine, model_dir=plan.model_dir, served_name=plan.served_name,
+        talan_checkpoint=plan.checkpoint, max_model_len=args.max_model_len, dtype=args.dtype,
+        deterministic=args.deterministic, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+    )
+    settings = ServerSettings(api_key=args.api_key, max_queued_requests=args.max_queued_requests,
+                              max_body_bytes=args.max_body_bytes,
+                              deterministic=args.deterministic)
+    app = create_app(engine, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout,
+                            timeout_keep_alive=5)
+    server = DrainingServer(config)
+    server.admission = app.state.server.admission
+    server.run()
+    return 0
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class Draining(uvicorn.Server):
+        """uvicorn already stops accepting and waits for in-flight requests on SIGTERM;
+        this also answers 503 to new requests on kept-alive connections meanwhile."""
+
+        admission = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.admission is not None:
+                self.admission.draining = True
+            super().handle_exit(sig, frame)
+
+    return Draining
+
+
+def DrainingServer(config):  # noqa: N802 - a class factory, uvicorn is imported lazily
+    return _draining_server_class()(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

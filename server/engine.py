@@ -1,0 +1,107 @@
+"""The one interface between the HTTP front end and an inference engine.
+
+The front end tokenizes, validates and formats; an engine only turns token ids plus
+sampling options into a stream of per-sequence deltas. Backends (``server/backends/``)
+are thin adapters from this protocol to vLLM, SGLang, ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class EngineInputError(ValueError):
+    """The engine rejected a request's parameters (answered as HTTP 400)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot serve any more requests (answered as HTTP 503)."""
+
+
+@dataclass
+class SamplingOptions:
+    """Engine-neutral sampling knobs (OpenAI names; validated by the front end)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    n: int = 1
+    logprobs: int | None = None  # top-k alternatives per generated token
+    prompt_logprobs: int | None = None  # top-k alternatives per prompt token (echo)
+    ignore_eos: bool = False
+    talan_enabled: bool = True  # per-request TALAN off switch
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingOptions
+
+
+@dataclass
+class TokenLogprob:
+    logprob: float
+    rank: int | None
+    text: str
+
+
+# One position: {token_id: logprob}; holds the sampled token and the top-k alternatives.
+PositionLogprobs = dict[int, TokenLogprob]
+
+
+@dataclass
+class SequenceDelta:
+    """What one of the ``n`` sequences produced since the previous output."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None (running)
+
+
+@dataclass
+class GenerateOutput:
+    request_id: str
+    sequences: list[SequenceDelta]
+    finished: bool
+    # Set on the first output only; position 0 is None (nothing predicts the first token).
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    max_model_len: int
+    tokenizer: Any  # a transformers tokenizer (chat template, encode/decode)
+    vocab_size: int
+    talan: bool  # whether a TALAN checkpoint is loaded (per-request switch is meaningful)
+
+
+class Engine(Protocol):
+    info: ModelInfo
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Yield deltas until an output with ``finished=True``; may raise EngineInputError."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its engine resources; a no-op for unknown ids."""
+        ...
+
+    async def health(self) -> None:
+        """Return if the engine can serve; raise EngineDeadError otherwise."""
+        ...
+
+    def num_unfinished(self) -> int:
+        """Requests the engine holds (waiting or running): 0 when idle, for leak checks."""
+        ...
+
+    async def shutdown(self) -> None: ...

