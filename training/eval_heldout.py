@@ -64,30 +64,15 @@ def score(problems: list[dict[str, Any]], outputs: list[str]) -> dict[str, Any]:
 @torch.no_grad()
 def perturbation_ratio(model: Any, tokenizer: Any, prompts: list[str]) -> float | None:
     """P1: ||X~ - X||_F / ||X||_F at TALAN's insertion point over the prompts' real tokens."""
-    from talan_serve.reference import find_talan
+    from talan_serve.reference import find_talan, record_perturbation
 
-    block = find_talan(model)
-    if block is None:
+    if find_talan(model) is None:
         return None
-    sums = {"delta": 0.0, "hidden": 0.0}
-    original = block.forward_padded
-
-    def recording(hidden, attention_mask=None, initial_state=None):
-        out, state = original(hidden, attention_mask, initial_state)
-        mask = torch.ones(hidden.shape[:2]) if attention_mask is None else attention_mask
-        real = mask.bool()
-        sums["delta"] += float(((out - hidden).float()[real] ** 2).sum())
-        sums["hidden"] += float((hidden.float()[real] ** 2).sum())
-        return out, state
-
-    block.forward_padded = recording  # instance attribute: only this analysis pass
-    try:
-        tokenizer.padding_side = "left"
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with record_perturbation(model) as ratios:
         model(**batch)
-    finally:
-        del block.forward_padded
-    return (sums["delta"] / sums["hidden"]) ** 0.5
+    return ratios[0]
 
 
 def evaluate(model_ref: dict[str, Any], problems: list[dict[str, Any]], batch_size: int,
