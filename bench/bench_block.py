@@ -23,12 +23,12 @@ from talan_serve.config import TalanConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def time_call(fn, repeats: int) -> float:
+def time_call(fn, args: tuple, repeats: int) -> float:
     for _ in range(min(50, repeats)):
-        fn()
+        fn(*args)
     start = time.perf_counter()
     for _ in range(repeats):
-        fn()
+        fn(*args)
     return (time.perf_counter() - start) / repeats
 
 
@@ -48,8 +48,8 @@ def main() -> None:
         hidden = torch.randn(batch, config.hidden_size)
         state = torch.rand(batch, config.n_themes, config.hidden_size + 1) * 4
         cu_seqlens = torch.arange(batch + 1)
-        packed = time_call(lambda: block.perturbation(hidden, cu_seqlens, state), args.repeats)
-        step = time_call(lambda: block.perturbation(hidden, None, state), args.repeats)
+        packed = time_call(block.perturbation, (hidden, cu_seqlens, state), args.repeats)
+        step = time_call(block.perturbation, (hidden, None, state), args.repeats)
         rows.append({"batch": batch, "packed_us": round(packed * 1e6, 1),
                      "decode_step_us": round(step * 1e6, 1)})
         print(f"batch {batch:3d}: packed {packed * 1e6:7.1f} us, decode step {step * 1e6:7.1f} us")
