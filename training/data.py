@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from talan_serve.checkpoint import sha256_file
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -212,16 +214,6 @@ def batches(
             yield collate([examples[i] for i in order], pad_id)
 
 
-def sha256_of(path: str | Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_record(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    return {"path": os.fspath(path), "sha256": sha256_of(path), "bytes": path.stat().st_size}
+    return {"path": os.fspath(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}

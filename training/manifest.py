@@ -51,13 +51,13 @@ def git_revision(root: str | Path | None = None) -> dict[str, Any]:
 
 def base_model_record(model_dir: str | Path, name: str) -> dict[str, Any]:
     """The base model by name and by content (hash of its config and weight index)."""
-    from training.data import sha256_of
+    from talan_serve.checkpoint import sha256_file
 
     model_dir = Path(model_dir)
     record: dict[str, Any] = {"name": name}
     for file in ("config.json", "model.safetensors.index.json", "tokenizer.json"):
         if (model_dir / file).is_file():
-            record[f"{file}_sha256"] = sha256_of(model_dir / file)
+            record[f"{file}_sha256"] = sha256_file(model_dir / file)
     return record
 
 

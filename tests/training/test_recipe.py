@@ -99,9 +99,9 @@ DEMO_RUNS = RECIPES.parents[1] / "checkpoints"
 def test_committed_demo_pair_is_matched_and_its_data_regenerates(tmp_path: Path) -> None:
     import json
 
+    from talan_serve.checkpoint import sha256_file
     from training.arithmetic import write_splits
     from training.audit import audit
-    from training.data import sha256_of
 
     differences, _ = audit(str(DEMO_RUNS / "smollm2-lora-demo"),
                            str(DEMO_RUNS / "smollm2-talan-demo"))
@@ -110,4 +110,4 @@ def test_committed_demo_pair_is_matched_and_its_data_regenerates(tmp_path: Path)
     data = manifest["training"]["recipe"]["data"]
     write_splits(tmp_path / "train.jsonl", data["generate_train"], data["generate_heldout"],
                  data["generate_seed"])
-    assert sha256_of(tmp_path / "train.jsonl") == manifest["training"]["data"]["sha256"]
+    assert sha256_file(tmp_path / "train.jsonl") == manifest["training"]["data"]["sha256"]
