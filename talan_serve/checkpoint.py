@@ -53,6 +53,15 @@ class TalanCheckpoint:
     def has_talan(self) -> bool:
         return self.config is not None
 
+    def check_host(self, hidden_size: int, num_layers: int) -> None:
+        """Raise ``CheckpointError`` if the TALAN config does not fit that host."""
+        if self.config is None:
+            return
+        try:
+            self.config.check_host(hidden_size, num_layers)
+        except TalanConfigError as err:
+            raise CheckpointError(f"{self.path}: {err}") from None
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -189,11 +198,6 @@ def load_checkpoint(
             config = TalanConfig.load(root / CONFIG_NAME)
         except TalanConfigError as err:
             raise CheckpointError(f"{root / CONFIG_NAME}: {err}") from None
-        if hidden_size is not None and num_layers is not None:
-            try:
-                config.check_host(hidden_size, num_layers)
-            except TalanConfigError as err:
-                raise CheckpointError(f"{root}: {err}") from None
         try:
             state_dict = load_file(str(root / WEIGHTS_NAME))
         except (SafetensorError, OSError) as err:
@@ -201,7 +205,7 @@ def load_checkpoint(
         _check_tensors(root / WEIGHTS_NAME, config, state_dict)
     if manifest.get("adapter"):
         _read_json(root / ADAPTER_FILES[0], "PEFT adapter config")
-    return TalanCheckpoint(
+    checkpoint = TalanCheckpoint(
         path=root,
         base_model=manifest["base_model"],
         config=config,
@@ -209,6 +213,9 @@ def load_checkpoint(
         adapter_dir=root if manifest.get("adapter") else None,
         manifest=manifest,
     )
+    if hidden_size is not None and num_layers is not None:
+        checkpoint.check_host(hidden_size, num_layers)
+    return checkpoint
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -97,18 +97,12 @@ def prepare_model_dir(
     """
     from talan_serve.models import resolve_base_model
 
-    checkpoint_dir = Path(checkpoint_dir)
-    base = Path(base_model_dir) if base_model_dir else Path(
-        resolve_base_model(load_checkpoint(checkpoint_dir).base_model)
-    )
+    checkpoint = load_checkpoint(checkpoint_dir)
+    base = Path(base_model_dir or resolve_base_model(checkpoint.base_model))
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"talan-serve: {base} is not a local model folder")
     record = json.loads((base / "config.json").read_text())
-    checkpoint = load_checkpoint(
-        checkpoint_dir,
-        hidden_size=record.get("hidden_size"),
-        num_layers=record.get("num_hidden_layers"),
-    )
+    checkpoint.check_host(record.get("hidden_size"), record.get("num_hidden_layers"))
     host = (record.get("architectures") or [None])[0]
     if checkpoint.has_talan and host not in _compat.HOST_ARCHITECTURES:
         raise ValueError(
