@@ -36,7 +36,9 @@ from vllm_common import (  # noqa: E402
     measure_interleaved,
     random_prompts,
     set_env,
+    shape_config,
     write_results,
+    write_shape_model,
 )
 
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32]
@@ -181,32 +183,6 @@ def check_graphs_and_every_token(work: Path, results: dict) -> None:
     log(f"every_token: ok={results['every_token']['ok']} requests={len(history)}")
 
 
-def shape_config(shape: str):
-    """Host config and TALAN config: ``q8b`` (Qwen3-8B, preset q8b) or ``tiny`` (smoke)."""
-    from talan_serve.config import preset
-    from talan_serve.hosts import host_config
-
-    if shape == "q8b":
-        return host_config("q8b"), preset("q8b")
-    from talan_serve.testing import tiny_host_config, tiny_talan_config
-
-    return tiny_host_config("qwen3", 512), tiny_talan_config()
-
-
-def write_shape_model(out: Path, talan: bool, shape: str = "q8b") -> Path:
-    """Host config (random weights via load_format=dummy), optionally with TALAN."""
-    config, talan_config = shape_config(shape)
-    record = config.to_dict()
-    record["architectures"] = ["TalanQwen3ForCausalLM" if talan else "Qwen3ForCausalLM"]
-    record["dtype"] = "bfloat16"
-    record["max_position_embeddings"] = 4096
-    if talan:
-        record["talan"] = talan_config.to_dict()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    return out
-
-
 def check_throughput(work: Path, results: dict, out: Path, repeats: int,
                      shape: str = "q8b") -> None:
     import torch
@@ -247,7 +223,7 @@ def check_throughput(work: Path, results: dict, out: Path, repeats: int,
                 lora="random rank-16 on q/k/v/o",
                 note="talan-merged = TALAN engine without a LoRA request, the cost of "
                      "TALAN over a merged LoRA; base = host engine without a LoRA request")
-    write_results(out / f"throughput_{shape}", meta, points)
+    write_results(out / f"throughput_{shape}", meta, points, same_engine=False)
     rows = vllm_common.ratios(points)
     results["throughput"] = dict(ok=True, ratios=rows)
 

@@ -1,16 +1,23 @@
 """Shared pieces of the vLLM engine benchmarks (CPU ``bench_vllm.py``, GPU ``gpu_check.py``).
 
-Throughput is measured with ``LLM.generate`` on fixed random prompts (prefix caching off,
-``ignore_eos``, greedy): end-to-end = generated tokens / wall time of the whole call;
-decode = ``batch * (n - 1) / (t(n) - t(1))``, i.e. the steady decode steps alone. Each
-point is the best of ``repeats`` runs (least disturbed by other load on the machine).
+Each run submits a batch of fixed random prompts (prefix caching off, ``ignore_eos``,
+greedy) to the engine and drives ``LLMEngine.step`` itself, timing every step:
+
+* end-to-end = generated tokens / wall time of the whole run (best of ``repeats``);
+* decode = batch / the median time of a decode step (every step after the first, which
+  is the prefill), pooled over all repeats. A median over hundreds of steps shrugs off
+  the bursts of other load that made whole-run timings on this 2-core host swing by
+  10-20% (the old ``t(n) - t(1)`` estimate).
 """
+
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +62,7 @@ class Point:
     decode_tokens: int
     e2e_seconds: float
     prefill_seconds: float
+    decode_step_ms: float
     e2e_tok_s: float
     decode_tok_s: float
 
@@ -63,19 +71,31 @@ class Point:
 DETOKENIZE = True
 
 
-def _generate(llm, prompts, max_tokens: int, talan: bool, lora_request) -> float:
+def _run(llm, prompts, max_tokens: int, talan: bool, lora_request) -> tuple[float, list[float]]:
+    """One batch through the engine: total wall time and the time of each step."""
     from vllm import SamplingParams
 
     from talan_serve.engines.vllm import talan_extra_args
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                             detokenize=DETOKENIZE, extra_args=talan_extra_args(talan))
-    inputs = [{"prompt_token_ids": p} for p in prompts]
+    engine = llm.llm_engine
     start = time.perf_counter()
-    outputs = llm.generate(inputs, params, lora_request=lora_request, use_tqdm=False)
+    for prompt in prompts:
+        engine.add_request(f"bench-{next(_REQUEST_IDS)}", {"prompt_token_ids": prompt}, params,
+                           lora_request=lora_request)
+    steps, lengths = [], []
+    while engine.has_unfinished_requests():
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        steps.append(time.perf_counter() - step_start)
+        lengths += [len(o.outputs[0].token_ids) for o in outputs if o.finished]
     elapsed = time.perf_counter() - start
-    assert all(len(o.outputs[0].token_ids) == max_tokens for o in outputs)
-    return elapsed
+    assert lengths == [max_tokens] * len(prompts), lengths
+    return elapsed, steps
+
+
+_REQUEST_IDS = itertools.count()
 
 
 def measure(llm, mode: Mode, prompts, decode_tokens: int, repeats: int, lora_request) -> Point:
@@ -86,47 +106,62 @@ def measure(llm, mode: Mode, prompts, decode_tokens: int, repeats: int, lora_req
 
 def measure_interleaved(engines: dict, modes: list[Mode], prompts, decode_tokens: int,
                         repeats: int, lora_request) -> list[Point]:
-    """Best-of-``repeats`` timings, the modes taking turns within each repeat.
+    """Timings of each mode, the modes taking turns within each repeat.
 
     Taking turns spreads any background load over all modes alike, so the ratios stay
     meaningful on a shared machine.
     """
-    def run(mode: Mode, max_tokens: int) -> float:
+    def run(mode: Mode, max_tokens: int) -> tuple[float, list[float]]:
         lora = lora_request if mode.lora else None
-        return _generate(engines[mode.engine], prompts, max_tokens, mode.talan, lora)
+        return _run(engines[mode.engine], prompts, max_tokens, mode.talan, lora)
 
     for mode in modes:
         run(mode, 2)  # warm-up (LoRA load, graph shapes)
-    full = {m.name: float("inf") for m in modes}
-    first = dict(full)
+    e2e = {m.name: float("inf") for m in modes}
+    prefill = dict(e2e)
+    decode_steps: dict[str, list[float]] = {m.name: [] for m in modes}
     for _ in range(repeats):
         for mode in modes:
-            full[mode.name] = min(full[mode.name], run(mode, decode_tokens))
-            first[mode.name] = min(first[mode.name], run(mode, 1))
+            elapsed, steps = run(mode, decode_tokens)
+            e2e[mode.name] = min(e2e[mode.name], elapsed)
+            prefill[mode.name] = min(prefill[mode.name], steps[0])
+            decode_steps[mode.name] += steps[1:]
     batch = len(prompts)
-    return [Point(
-        mode=m.name, batch=batch, prompt_len=len(prompts[0]), decode_tokens=decode_tokens,
-        e2e_seconds=full[m.name], prefill_seconds=first[m.name],
-        e2e_tok_s=batch * decode_tokens / full[m.name],
-        decode_tok_s=batch * (decode_tokens - 1) / max(full[m.name] - first[m.name], 1e-9),
-    ) for m in modes]
+    points = []
+    for m in modes:
+        step = statistics.median(decode_steps[m.name])
+        points.append(Point(
+            mode=m.name, batch=batch, prompt_len=len(prompts[0]), decode_tokens=decode_tokens,
+            e2e_seconds=e2e[m.name], prefill_seconds=prefill[m.name],
+            decode_step_ms=step * 1e3, e2e_tok_s=batch * decode_tokens / e2e[m.name],
+            decode_tok_s=batch / step,
+        ))
+    return points
 
 
 RATIOS = (
-    # (label, numerator mode, denominator mode): time ratio = baseline tok/s / mode tok/s
-    ("TALAN+LoRA vs LoRA-only", "talan+lora", "lora-only"),
-    ("TALAN+LoRA vs base", "talan+lora", "base"),
-    ("LoRA-only vs base", "lora-only", "base"),
-    ("TALAN (merged LoRA) vs base", "talan-merged", "base"),
-    ("TALAN-off+LoRA vs LoRA-only", "talan-off+lora", "lora-only"),
+    # (label, mode, baseline mode): slowdown = baseline tok/s / mode tok/s
+    ("TALAN+LoRA vs LoRA-only, host engine", "talan+lora", "lora-only"),
+    ("TALAN (merged LoRA) vs base, host engine", "talan-merged", "base"),
+    ("TALAN (merged LoRA) vs LoRA-only, host engine", "talan-merged", "lora-only"),
+    ("LoRA-only vs base, host engines", "lora-only", "base"),
+    ("LoRA-only: TALAN engine (off) vs host engine", "talan-off+lora", "lora-only"),
+)
+# Baselines on the TALAN engine instance itself: every request TALAN-off, which skips the
+# side path. Only where that skip happens (eager or piecewise steps); a full CUDA graph
+# replays the side path whatever the flags, so GPU runs leave these out.
+SAME_ENGINE_RATIOS = (
+    ("TALAN+LoRA vs LoRA-only, same engine (TALAN off)", "talan+lora", "talan-off+lora"),
+    ("TALAN (merged LoRA) vs base, same engine (TALAN off)", "talan-merged",
+     "talan-merged-off"),
 )
 
 
-def ratios(points: list[Point]) -> list[dict[str, Any]]:
+def ratios(points: list[Point], same_engine: bool = True) -> list[dict[str, Any]]:
     """Slowdown factors (>1: slower than the baseline), per batch, e2e and decode."""
     table = {(p.mode, p.batch): p for p in points}
     rows = []
-    for label, mode, baseline in RATIOS:
+    for label, mode, baseline in (SAME_ENGINE_RATIOS if same_engine else ()) + RATIOS:
         for batch in sorted({p.batch for p in points}):
             if (mode, batch) not in table or (baseline, batch) not in table:
                 continue
@@ -137,18 +172,19 @@ def ratios(points: list[Point]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_results(out: Path, meta: dict[str, Any], points: list[Point]) -> None:
+def write_results(out: Path, meta: dict[str, Any], points: list[Point],
+                  same_engine: bool = True) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = ratios(points)
+    rows = ratios(points, same_engine)
     record = dict(meta=meta, points=[asdict(p) for p in points], ratios=rows)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# vLLM engine benchmark: {meta.get('title', '')}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if k != "title"]
-    lines += ["", "| mode | batch | e2e tok/s | decode tok/s | e2e s | prefill s |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| mode | batch | e2e tok/s | decode tok/s | decode step ms | e2e s "
+              "| prefill s |", "|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p.mode} | {p.batch} | {p.e2e_tok_s:.1f} | {p.decode_tok_s:.1f} | "
-                     f"{p.e2e_seconds:.3f} | {p.prefill_seconds:.3f} |")
+                     f"{p.decode_step_ms:.2f} | {p.e2e_seconds:.3f} | {p.prefill_seconds:.3f} |")
     lines += ["", "Slowdown (baseline throughput / mode throughput; 1.00 = no overhead):", "",
               "| comparison | batch | end-to-end | decode |", "|---|---|---|---|"]
     for r in rows:
@@ -185,4 +221,50 @@ def write_random_lora(out: Path, hf_config: Any, rank: int = 16, seed: int = 0) 
         base_model_name_or_path="random", use_dora=False, fan_in_fan_out=False,
         modules_to_save=None, use_rslora=False,
     ), indent=2) + "\n")
+    return out
+
+
+# Host shapes for random-weight runs (``load_format="dummy"``): name -> (paper preset whose
+# TALAN config is used, host config overrides). q8b is the paper's Qwen3-8B host; the
+# 0.6B shape (Qwen3-0.6B's dimensions) fits two engines in this CPU host's memory.
+SHAPES = {
+    "q8b": ("q8b", {}),
+    "qwen3-0.6b": ("q8b", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                               num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                               tie_word_embeddings=True)),
+}
+
+
+def shape_config(shape: str):
+    """(host config, TALAN config) for a named shape, or ``tiny`` (smoke runs)."""
+    from dataclasses import replace
+
+    from talan_serve.config import preset
+    from talan_serve.hosts import host_config
+
+    if shape == "tiny":
+        from talan_serve.testing import tiny_host_config, tiny_talan_config
+
+        return tiny_host_config("qwen3", 512), tiny_talan_config()
+    preset_name, overrides = SHAPES[shape]
+    config = host_config(preset_name)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if overrides.get("num_hidden_layers") and getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+        config.max_window_layers = config.num_hidden_layers
+    return config, replace(preset(preset_name), hidden_size=config.hidden_size)
+
+
+def write_shape_model(out: Path, talan: bool, shape: str = "q8b") -> Path:
+    """Host config (random weights via load_format=dummy), optionally with TALAN."""
+    config, talan_config = shape_config(shape)
+    record = config.to_dict()
+    record["architectures"] = ["TalanQwen3ForCausalLM" if talan else "Qwen3ForCausalLM"]
+    record["dtype"] = "bfloat16"
+    record["max_position_embeddings"] = 4096
+    if talan:
+        record["talan"] = talan_config.to_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     return out

@@ -23,10 +23,16 @@ from torch import Tensor, nn
 from talan_serve.config import TalanConfig
 
 
+def _f32(tensor: Tensor) -> Tensor:
+    # The side path runs in fp32 whatever dtype the host casts the module to. Engines keep
+    # the block in fp32, and there this is no op at all: at decode sizes each dispatched
+    # op costs more than its arithmetic (bench/results/vllm_step_parts_cpu.md).
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
 def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    # The side path runs in fp32 whatever dtype the host casts the module to.
-    bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x, layer.weight.float(), bias)
+    bias = None if layer.bias is None else _f32(layer.bias)
+    return F.linear(x, _f32(layer.weight), bias)
 
 
 def empty_state(config: TalanConfig, num_seqs: int, device: torch.device | str | None = None):
@@ -66,13 +72,14 @@ def running_summary(
         ``(B, T, d + 1)`` state after each sequence's last token.
     """
     num_tokens, dim = hidden.shape
-    contributions = torch.cat(
-        [assignments.unsqueeze(-1) * hidden.unsqueeze(1), assignments.unsqueeze(-1)], dim=-1
-    )
+    # A [x; 1] outer product per slot: (A x, A) in one op.
+    weighted = assignments.unsqueeze(-1)
+    extended = F.pad(hidden, (0, 1), value=1.0).unsqueeze(1)
     if cu_seqlens is None:
         # A decode step: the same recurrence with a scan of length one.
-        final_state = initial_state + contributions
+        final_state = torch.addcmul(initial_state, weighted, extended)
         return final_state[..., :dim] / (final_state[..., dim:] + eps), final_state
+    contributions = weighted * extended
     # One scan over all packed tokens, then subtract the scan at each sequence start.
     # fp64 makes that subtraction exact enough at any batch size (fp32 would lose digits
     # to the other sequences' sums) without a host sync or a Python loop over sequences.
@@ -106,11 +113,13 @@ class Summarize(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         if self.method == "attention":
-            logits = hidden @ self.slot_queries.float().t() * self.scale
+            logits = F.linear(hidden, _f32(self.slot_queries)) * self.scale
         else:
             projected = _linear(self.projection, hidden)
-            logits = projected @ self.slot_queries.float().t() * self.scale
-            logits = logits + self.slot_prior.float()
+            logits = torch.add(
+                _f32(self.slot_prior), F.linear(projected, _f32(self.slot_queries)),
+                alpha=self.scale,
+            )
         return torch.softmax(logits, dim=-1)
 
 
@@ -184,8 +193,11 @@ class PerTokenMixer(nn.Module):
 
 def _attend(query: Tensor, keys: Tensor, values: Tensor) -> Tensor:
     """Per-token attention over its own slots: query (n, h, c), keys/values (n, T, h, c)."""
-    scores = torch.einsum("nhc,nthc->nht", query, keys) / math.sqrt(query.shape[-1])
-    return torch.einsum("nht,nthc->nhc", torch.softmax(scores, dim=-1), values)
+    # Broadcast products, not einsum: a token meets only T slots, and einsum's permutes
+    # and batched matmul dispatch more ops than the arithmetic is worth.
+    scores = (keys * query.unsqueeze(1)).sum(-1) * (1.0 / math.sqrt(query.shape[-1]))
+    weights = torch.softmax(scores, dim=1)
+    return (weights.unsqueeze(-1) * values).sum(1)
 
 
 MIXERS: dict[str, type[nn.Module]] = {
@@ -218,10 +230,10 @@ class Writeback(nn.Module):
     def forward(self, hidden: Tensor, perturbation: Tensor) -> Tensor:
         """The additive update ``X~ - X``."""
         if self.integration == "direct":
-            return self.alpha.float() * perturbation
-        modulation = torch.cat([hidden, perturbation], dim=-1) @ self.gate_proj.float()
-        modulation = 2.0 * torch.sigmoid(modulation + self.gate_bias.float())
-        return self.gate_value.float() * modulation.unsqueeze(-1) * perturbation
+            return _f32(self.alpha) * perturbation
+        modulation = torch.mv(torch.cat([hidden, perturbation], dim=-1), _f32(self.gate_proj))
+        modulation = 2.0 * torch.sigmoid(modulation + _f32(self.gate_bias))
+        return _f32(self.gate_value) * modulation.unsqueeze(-1) * perturbation
 
 
 class TalanBlock(nn.Module):
@@ -256,19 +268,29 @@ class TalanBlock(nn.Module):
             token_weight: ``(num_tokens,)`` 1 for real tokens, 0 for padding, which then
                 contributes nothing to any summary.
         """
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            x = hidden.float()
-            if initial_state is None:
-                num_seqs = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-                initial_state = empty_state(self.config, num_seqs, x.device)
-            assignments = self.summarize(x)
-            if token_weight is not None:
-                assignments = assignments * token_weight.to(assignments.dtype).unsqueeze(-1)
-            summaries, state = running_summary(
-                x, assignments, cu_seqlens, initial_state, self.config.eps
-            )
-            delta = self.writeback(x, self.mixer(x, summaries, assignments))
-        return delta, state
+        if torch.is_autocast_enabled(hidden.device.type):
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                return self._perturbation(hidden, cu_seqlens, initial_state, token_weight)
+        return self._perturbation(hidden, cu_seqlens, initial_state, token_weight)
+
+    def _perturbation(
+        self,
+        hidden: Tensor,
+        cu_seqlens: Tensor | None,
+        initial_state: Tensor | None,
+        token_weight: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        x = _f32(hidden)
+        if initial_state is None:
+            num_seqs = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+            initial_state = empty_state(self.config, num_seqs, x.device)
+        assignments = self.summarize(x)
+        if token_weight is not None:
+            assignments = assignments * token_weight.to(assignments.dtype).unsqueeze(-1)
+        summaries, state = running_summary(
+            x, assignments, cu_seqlens, initial_state, self.config.eps
+        )
+        return self.writeback(x, self.mixer(x, summaries, assignments)), state
 
     def forward(
         self,

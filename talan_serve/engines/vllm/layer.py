@@ -5,28 +5,31 @@ prefix-caching mode) checkpoints one ``(T, d + 1)`` fp32 state per request, exac
 for its own recurrent layers. Per step the layer only
 
 * gathers the states of the batch's requests by their state-slot indices,
-* builds ``cu_seqlens`` from vLLM's metadata (decode tokens come first, one each),
+* hands the block vLLM's own ``query_start_loc`` as ``cu_seqlens`` (or nothing, when
+  every request brings one token: the block's decode-step entry),
 * calls ``TalanBlock.perturbation`` (all of the math lives there),
 * scatters the final states back,
 
-with tensor ops only. A decode-only step uses persistent metadata buffers and static
-shapes, so full CUDA graphs capture it; other steps run it between piecewise graphs
-(its op is a splitting op, like vLLM's attention and mamba ops).
+with tensor ops only. Unlike vLLM's mamba kernels, the block takes requests in any
+order, so the batch is never reordered and the metadata is a few tensors (both of which
+measurably cost per step; bench/results/vllm_step_parts_cpu.md). A one-token-per-request
+step uses persistent metadata buffers and static shapes, so full CUDA graphs capture
+it; other steps run it between piecewise graphs (its op is a splitting op, like vLLM's
+attention and mamba ops).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 from vllm.model_executor.layers.mamba.abstract import MambaBase
-from vllm.v1.attention.backends.mamba_attn import (
-    BaseMambaAttentionMetadata,
-    BaseMambaAttentionMetadataBuilder,
-)
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from vllm.v1.attention.backends.short_conv_attn import ShortConvAttentionBackend
+from vllm.v1.attention.backends.utils import mamba_get_block_table_tensor
 
 from talan_serve.block import TalanBlock, sequence_index
 from talan_serve.config import TalanConfig
@@ -34,44 +37,63 @@ from talan_serve.engines.vllm import _compat, switch
 
 
 @dataclass
-class TalanStateMetadata(BaseMambaAttentionMetadata):
-    # Whether each decode row resumes a state (False for CUDA-graph padding rows).
-    has_initial_states_d: torch.Tensor | None = None
+class TalanStateMetadata:
+    """One step's view of the batch, rows in vLLM's input-batch order."""
+
+    num_reqs: int
+    num_tokens: int
+    # (num_reqs,) int64 state-cache slot of each request.
+    slots: torch.Tensor
+    # (num_reqs,) bool: the request continues a state (False: a first chunk, or padding).
+    resume: torch.Tensor
+    # (num_reqs + 1,) int64 token offsets; None when each request brings exactly one token.
+    cu_seqlens: torch.Tensor | None
 
 
-class TalanStateMetadataBuilder(BaseMambaAttentionMetadataBuilder[TalanStateMetadata]):
-    """vLLM's mamba metadata (slots, decode/prefill split) plus decode-row resume flags."""
+class TalanStateMetadataBuilder(AttentionMetadataBuilder[TalanStateMetadata]):
+    """State slots and resume flags from vLLM's common metadata; no batch reordering."""
 
-    metadata_cls = TalanStateMetadata
-    needs_causal_conv1d_metadata = False
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+    reorder_batch_threshold: int | None = None
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        if self.use_spec_decode:
+        if vllm_config.speculative_config is not None:
             raise ValueError("talan-serve: TALAN does not support speculative decoding yet")
-        self.has_initial_states_d_buffer = torch.zeros(
-            (self.decode_cudagraph_max_bs,), dtype=torch.bool, device=device
-        )
+        self.mamba_cache_mode = vllm_config.cache_config.mamba_cache_mode
+        compilation = vllm_config.compilation_config
+        self.full_graphs = compilation.cudagraph_mode.has_full_cudagraphs()
+        max_bs = vllm_config.scheduler_config.max_num_seqs
+        if compilation.max_cudagraph_capture_size is not None:
+            max_bs = min(max_bs, compilation.max_cudagraph_capture_size)
+        # Full CUDA graphs replay fixed addresses: one-token steps read these buffers.
+        self.slots_buffer = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.resume_buffer = torch.zeros(max_bs, dtype=torch.bool, device=device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False, **kwargs):
-        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
-        if metadata.num_decodes == 0:
-            return metadata
-        num_computed = common_attn_metadata.compute_num_computed_tokens()
-        has_initial_d = num_computed[: metadata.num_decodes] > 0
-        rows = metadata.state_indices_tensor_d.shape[0]
-        if (
-            metadata.num_prefills == 0
-            and self.compilation_config.cudagraph_mode.has_full_cudagraphs()
-            and rows <= self.decode_cudagraph_max_bs
-        ):
-            # Full CUDA graphs replay fixed addresses: a persistent buffer, and the
-            # graph's padding rows (slot NULL_BLOCK_ID) never resume a state.
-            buffer = self.has_initial_states_d_buffer
-            buffer[: metadata.num_decodes].copy_(has_initial_d, non_blocking=True)
-            buffer[metadata.num_decodes : rows].fill_(False)
-            has_initial_d = buffer[:rows]
-        return replace(metadata, has_initial_states_d=has_initial_d)
+        m = common_attn_metadata
+        num_reqs = m.num_reqs
+        slots = mamba_get_block_table_tensor(
+            m.block_table_tensor, m.seq_lens, self.kv_cache_spec, self.mamba_cache_mode
+        )[:num_reqs, 0].long()
+        if m.max_query_len == 1:
+            # One token per request (graph padding rows: seq_len 0, the null slot).
+            resume = m.seq_lens[:num_reqs] > 1
+            cu_seqlens = None
+            if self.full_graphs and num_reqs <= self.slots_buffer.shape[0]:
+                self.slots_buffer[:num_reqs].copy_(slots, non_blocking=True)
+                self.resume_buffer[:num_reqs].copy_(resume, non_blocking=True)
+                slots, resume = self.slots_buffer[:num_reqs], self.resume_buffer[:num_reqs]
+        else:
+            resume = m.compute_num_computed_tokens()[:num_reqs] > 0
+            cu_seqlens = m.query_start_loc[: num_reqs + 1].long()
+        return TalanStateMetadata(
+            num_reqs=num_reqs, num_tokens=m.num_actual_tokens, slots=slots, resume=resume,
+            cu_seqlens=cu_seqlens,
+        )
+
+    def build_for_cudagraph_capture(self, common_attn_metadata):
+        return self.build(0, common_attn_metadata)
 
 
 class TalanStateBackend(ShortConvAttentionBackend):
@@ -94,11 +116,13 @@ class TalanStateLayer(MambaBase, nn.Module):
         # fp32 weights whatever the host dtype: the checkpoint and the reference are fp32.
         self.block = TalanBlock(config).float()
         self.block.requires_grad_(False)
-        # Per-request on/off flags by batch row (decode rows first), filled by the
+        # Per-request on/off flags by batch row, filled by the
         # TalanSwitch logits processor; all on when nobody writes them.
         self.register_buffer(
             "enabled_rows", torch.ones(max_num_seqs, dtype=torch.bool), persistent=False
         )
+        # False while every request in the batch runs TALAN-off (set by TalanSwitch).
+        self.any_enabled = True
         switch.register_layer(self)
 
         vllm_config = _compat.current_vllm_config()
@@ -146,50 +170,37 @@ class TalanStateLayer(MambaBase, nn.Module):
             # Profiling / dummy run: one fresh sequence, so memory use is realistic.
             cu = torch.tensor([0, stream.shape[0]], device=stream.device, dtype=torch.long)
             delta, _ = self.block.perturbation(stream, cu)
-            delta_out.copy_(delta.to(delta_out.dtype))
+            delta_out.copy_(delta)
+            return
+
+        if not self.any_enabled:
+            # Every request is the adapter-only model: nothing to compute, no state to move.
+            delta_out.zero_()
             return
 
         states = self.kv_cache[0]
-        num_decodes, num_prefills = metadata.num_decodes, metadata.num_prefills
-        if num_prefills == 0:
-            # Decode only: static shapes over the (possibly graph-padded) decode rows.
-            slots = metadata.state_indices_tensor_d[:, 0].long()
-            resume = metadata.has_initial_states_d
-            num_seqs = num_tokens = slots.shape[0]
-            cu_seqlens = None  # the block's decode-step entry: one token per sequence
-            token_seq = None
-        else:
-            prefill_slots = metadata.state_indices_tensor_p.long()
-            prefill_starts = metadata.query_start_loc_p.long() + metadata.num_decode_tokens
-            if num_decodes:
-                slots = torch.cat([metadata.state_indices_tensor_d[:, 0].long(), prefill_slots])
-                resume = torch.cat([metadata.has_initial_states_d, metadata.has_initial_states_p])
-                decode_starts = torch.arange(
-                    num_decodes, device=stream.device, dtype=torch.long
-                )
-                cu_seqlens = torch.cat([decode_starts, prefill_starts])
-            else:
-                slots, resume = prefill_slots, metadata.has_initial_states_p
-                cu_seqlens = prefill_starts
-            num_seqs = num_decodes + num_prefills
-            num_tokens = metadata.num_decode_tokens + metadata.num_prefill_tokens
-            token_seq = sequence_index(cu_seqlens, num_tokens)
-
-        hidden = stream[:num_tokens]
-        stored = states.index_select(0, slots)
+        slots, cu_seqlens = metadata.slots, metadata.cu_seqlens
+        # One token per request: static shapes over the (possibly graph-padded) rows.
+        num_tokens = metadata.num_reqs if cu_seqlens is None else metadata.num_tokens
+        hidden = stream if num_tokens == stream.shape[0] else stream[:num_tokens]
         # where(), not a product: a never-written slot may hold NaN garbage.
-        initial = torch.where(resume.view(-1, 1, 1), stored, torch.zeros_like(stored))
+        initial = torch.where(
+            metadata.resume.view(-1, 1, 1), states.index_select(0, slots), 0.0
+        )
         delta, final = self.block.perturbation(hidden, cu_seqlens, initial)
 
-        enabled = self.enabled_rows[:num_seqs]
-        enabled_tokens = enabled if token_seq is None else enabled[token_seq]
+        enabled = self.enabled_rows[: metadata.num_reqs]
         # A disabled request is the adapter-only model: exact identity, state untouched.
-        delta = torch.where(enabled_tokens.view(-1, 1), delta, torch.zeros_like(delta))
-        final = torch.where(enabled.view(-1, 1, 1), final, initial)
-        states.index_copy_(0, slots, final)
-
-        delta_out[:num_tokens].copy_(delta.to(delta_out.dtype))
-        delta_out[num_tokens:].zero_()
+        states.index_copy_(0, slots, torch.where(enabled.view(-1, 1, 1), final, initial))
+        if cu_seqlens is not None:
+            enabled = enabled[sequence_index(cu_seqlens, num_tokens)]
+        delta = torch.where(enabled.view(-1, 1), delta, 0.0)
+        # Python-int branches only: shapes are static under graph capture.
+        if num_tokens == delta_out.shape[0]:
+            delta_out.copy_(delta)
+        else:
+            delta_out[:num_tokens].copy_(delta)
+            delta_out[num_tokens:].zero_()
 
 
 class TalanStatePlaceholder(MambaBase):

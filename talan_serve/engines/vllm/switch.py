@@ -3,12 +3,13 @@
 vLLM hands a request's ``SamplingParams`` to the worker only through the persistent
 input batch, and the one public hook on it is the V1 logits-processor interface: its
 ``update_state`` sees every request added to, removed from or moved within the batch,
-by batch row, before each forward pass and after vLLM has put decode rows first (the
-order the model sees). ``TalanSwitch`` is such a processor that never changes logits;
-it mirrors each row's flag into the TALAN layer's ``enabled_rows`` buffer (a fixed
-address, so CUDA graphs read the current flags on replay). The layer then leaves a
-disabled request's hidden states and state untouched, which is exactly the adapter-only
-model. The model's config hook adds this processor for TALAN architectures only.
+by batch row, before each forward pass (the row order the model sees: the TALAN
+layer's metadata keeps the input batch's order). ``TalanSwitch`` is such a processor
+that never changes logits; it mirrors each row's flag into the TALAN layer's
+``enabled_rows`` buffer (a fixed address, so CUDA graphs read the current flags on
+replay). The layer then leaves a disabled request's hidden states and state untouched,
+which is exactly the adapter-only model. The model's config hook adds this processor
+for TALAN architectures only.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class TalanSwitch(_compat.logits_processor_base()):
             rows[dst] = src_flag
             rows[src] = dst_flag if direction == swap else True
         self.size = batch_update.batch_size
+        # Known on the host, so a batch of TALAN-off requests skips the side path without
+        # a device sync (CUDA graphs ignore it: they read enabled_rows, same result).
+        any_enabled = bool(rows[: self.size].any())
         for layer in list(_LAYERS):
             buffer = layer.enabled_rows
             buffer[: self.size].copy_(rows[: self.size], non_blocking=True)
+            layer.any_enabled = any_enabled
