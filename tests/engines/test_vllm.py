@@ -24,6 +24,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 LOGPROB_TOL = 1e-4
 MAX_TOKENS = 6
+PREEMPTION_BLOCKS = 16
 
 
 # --- fixtures and helpers ------------------------------------------------------------------
@@ -275,6 +276,50 @@ def test_qwen3_moe_with_merged_lora(tiny_model, tmp_path):
     with engine(prepared.path, max_num_batched_tokens=64) as llm:
         outputs = generate(llm, requests, prepared)
     assert_parity(reference, requests, outputs)
+
+
+def test_preemption(tiny_model, tmp_path, monkeypatch):
+    """A KV cache too small for the batch: vLLM preempts requests mid-decode, frees their
+    blocks and state, and recomputes them later; each must resume exactly."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    preempted = []
+    original = Scheduler._preempt_request
+
+    def count(self, request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return original(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "_preempt_request", count)
+    prepared, reference = build(tiny_model("qwen3"), tmp_path, merge_lora=True)
+    # 62-63 tokens: every request fills two 32-token blocks and needs a third mid-decode.
+    prompts = random_prompts([62, 63, 62, 63, 61, 63], 500, seed=9)
+    requests = [Request(p, talan=i != 2) for i, p in enumerate(prompts)]
+    with engine(prepared.path, num_gpu_blocks_override=PREEMPTION_BLOCKS,
+                max_model_len=128) as llm:
+        outputs = generate(llm, requests, prepared)
+    assert preempted, "the cache was big enough: no request was preempted"
+    assert_parity(reference, requests, outputs)
+
+
+def test_compiled_engine(tiny_model, tmp_path):
+    """vLLM's default CPU mode: the model compiled by dynamo + inductor, one graph that
+    calls the side-path op (GPUs split graphs there instead; bench/gpu_check.py)."""
+    from talan_serve.engines.vllm.layer import TalanStateMetadataBuilder
+
+    prepared, reference = build(tiny_model("qwen3"), tmp_path, merge_lora=True)
+    prompts = random_prompts([2, 30, 100, 7], 500, seed=8)
+    requests = [Request(prompts[0]), Request(prompts[1], talan=False), Request(prompts[2]),
+                Request(prompts[3], talan=False)]
+    with engine(prepared.path, enforce_eager=False, max_num_batched_tokens=64) as llm:
+        assert llm.llm_engine.vllm_config.compilation_config.mode > 0  # not eager
+        outputs = generate(llm, requests, prepared)
+        # Off requests alone: the batch skips the side path, still the LoRA-only model.
+        off_only = generate(llm, [requests[1], requests[3]], prepared)
+    assert_parity(reference, requests, outputs)
+    assert_parity(reference, [requests[1], requests[3]], off_only)
+    # TALAN needs no decode-first batch reordering (vLLM's mamba builders ask for it).
+    assert TalanStateMetadataBuilder.reorder_batch_threshold is None
 
 
 def test_smollm2(tmp_path):
