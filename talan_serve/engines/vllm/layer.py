@@ -121,8 +121,8 @@ class TalanStateLayer(MambaBase, nn.Module):
         self.register_buffer(
             "enabled_rows", torch.ones(max_num_seqs, dtype=torch.bool), persistent=False
         )
-        # False while every request in the batch runs TALAN-off (set by TalanSwitch).
-        self.any_enabled = True
+        # Whether any / every request in the batch runs TALAN-on (set by TalanSwitch).
+        self.any_enabled = self.all_enabled = True
         switch.register_layer(self)
 
         vllm_config = _compat.current_vllm_config()
@@ -173,7 +173,7 @@ class TalanStateLayer(MambaBase, nn.Module):
             delta_out.copy_(delta)
             return
 
-        if not self.any_enabled:
+        if not self.any_enabled and not _capturing(stream):
             # Every request is the adapter-only model: nothing to compute, no state to move.
             delta_out.zero_()
             return
@@ -189,18 +189,26 @@ class TalanStateLayer(MambaBase, nn.Module):
         )
         delta, final = self.block.perturbation(hidden, cu_seqlens, initial)
 
-        enabled = self.enabled_rows[: metadata.num_reqs]
-        # A disabled request is the adapter-only model: exact identity, state untouched.
-        states.index_copy_(0, slots, torch.where(enabled.view(-1, 1, 1), final, initial))
-        if cu_seqlens is not None:
-            enabled = enabled[sequence_index(cu_seqlens, num_tokens)]
-        delta = torch.where(enabled.view(-1, 1), delta, 0.0)
+        if self.all_enabled and not _capturing(stream):
+            states.index_copy_(0, slots, final)
+        else:
+            enabled = self.enabled_rows[: metadata.num_reqs]
+            # A disabled request is the adapter-only model: exact identity, state untouched.
+            states.index_copy_(0, slots, torch.where(enabled.view(-1, 1, 1), final, initial))
+            if cu_seqlens is not None:
+                enabled = enabled[sequence_index(cu_seqlens, num_tokens)]
+            delta = torch.where(enabled.view(-1, 1), delta, 0.0)
         # Python-int branches only: shapes are static under graph capture.
         if num_tokens == delta_out.shape[0]:
             delta_out.copy_(delta)
         else:
             delta_out[:num_tokens].copy_(delta)
             delta_out[num_tokens:].zero_()
+
+
+def _capturing(tensor: torch.Tensor) -> bool:
+    # A captured graph replays whatever the flags become: it must hold the masked path.
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class TalanStatePlaceholder(MambaBase):

@@ -87,10 +87,12 @@ class TalanSwitch(_compat.logits_processor_base()):
             rows[dst] = src_flag
             rows[src] = dst_flag if direction == swap else True
         self.size = batch_update.batch_size
-        # Known on the host, so a batch of TALAN-off requests skips the side path without
-        # a device sync (CUDA graphs ignore it: they read enabled_rows, same result).
-        any_enabled = bool(rows[: self.size].any())
+        # Known on the host, so the layer can skip work that the flags make moot without a
+        # device sync: the side path for a batch of TALAN-off requests, the per-row masking
+        # for a batch of TALAN-on ones (CUDA graphs capture the masked path and read
+        # enabled_rows on replay, with the same result).
+        any_enabled, all_enabled = bool(rows[: self.size].any()), bool(rows[: self.size].all())
         for layer in list(_LAYERS):
             buffer = layer.enabled_rows
             buffer[: self.size].copy_(rows[: self.size], non_blocking=True)
-            layer.any_enabled = any_enabled
+            layer.any_enabled, layer.all_enabled = any_enabled, all_enabled
