@@ -86,28 +86,10 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
 
 
-def stepwise_masses(llm, prompts, max_tokens: int, lora_request) -> dict[str, list[float]]:
-    from vllm import SamplingParams
-
-    from talan_serve.engines.vllm import talan_extra_args
-    from talan_serve.engines.vllm.probe import running_state_masses
-
-    core = llm.llm_engine
-    for index, prompt in enumerate(prompts):
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                extra_args=talan_extra_args(True))
-        core.add_request(f"mass-{index}", {"prompt_token_ids": prompt}, params,
-                         lora_request=lora_request)
-    history: dict[str, list[float]] = {}
-    while core.has_unfinished_requests():
-        core.step()
-        for request_id, mass in llm.collective_rpc(running_state_masses)[0].items():
-            history.setdefault(request_id, []).append(mass)
-    return history
-
-
 def graphs_vs_eager(prepared, dtype: str, prompts, lora, lora_options) -> dict:
     """Greedy ids of eager vs compiled+graphs engines; bf16 also runs the state probe."""
+    from talan_serve.engines.vllm.probe import stepwise_state_masses
+
     ids = {}
     probe = None
     for eager in (True, False):
@@ -118,7 +100,8 @@ def graphs_vs_eager(prepared, dtype: str, prompts, lora, lora_options) -> dict:
         ids[eager] = {on: greedy(llm, prompts, on, lora, 48) for on in (True, False)}
         if not eager and dtype == "bfloat16":
             mass_prompts = [prompts[1], prompts[3], prompts[5]]
-            history = stepwise_masses(llm, mass_prompts, 24, lora)
+            history = stepwise_state_masses(llm, mass_prompts, [True] * len(mass_prompts),
+                                            24, lora)
             mode = str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)
             probe = (history, mass_prompts, mode)
         del llm

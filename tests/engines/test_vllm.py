@@ -195,26 +195,6 @@ def test_mixed_talan_on_off_lora_in_one_batch(qwen3):
     assert on.outputs[0].logprobs != off.outputs[0].logprobs
 
 
-def stepwise_state_masses(llm, prompts: list[list[int]], talan: list[bool], max_tokens: int):
-    """Run requests step by step; each request's state mass after every engine step."""
-    from vllm import SamplingParams
-
-    from talan_serve.engines.vllm import talan_extra_args
-    from talan_serve.engines.vllm.probe import running_state_masses
-
-    engine_ = llm.llm_engine
-    for index, (prompt, on) in enumerate(zip(prompts, talan, strict=True)):
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                extra_args=talan_extra_args(on))
-        engine_.add_request(f"probe-{index}", {"prompt_token_ids": prompt}, params)
-    history: dict[str, list[float]] = {}
-    while engine_.has_unfinished_requests():
-        engine_.step()
-        for request_id, mass in llm.collective_rpc(running_state_masses)[0].items():
-            history.setdefault(request_id, []).append(mass)
-    return history
-
-
 def assert_every_token_absorbed(history, prompts, talan, max_tokens):
     """Mass = tokens absorbed: the prompt at prefill, then exactly +1 per decode step."""
     by_start = {}
@@ -249,6 +229,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_mixer_and_writeback(variant, tiny_model, tmp_path):
+    from talan_serve.engines.vllm.probe import stepwise_state_masses
+
     options = dict(VARIANTS[variant])
     prepared, reference = build(tiny_model("qwen3"), tmp_path, **options)
     lora = prepared.lora_dir is not None

@@ -52,3 +52,33 @@ def running_state_masses(worker: Any) -> dict[str, float]:
         slot = int(table[row, 0])
         masses[request_id] = float(states[slot, :, -1].double().sum().item())
     return masses
+
+
+def stepwise_state_masses(
+    llm: Any,
+    prompts: list[list[int]],
+    talan: list[bool],
+    max_tokens: int,
+    lora_request: Any = None,
+) -> dict[str, list[float]]:
+    """Run requests step by step; each request's state mass after every engine step.
+
+    ``llm`` is a ``vllm.LLM`` with an in-process engine; ``talan`` switches TALAN per
+    request. Keys are the engine's request ids, in the order added.
+    """
+    from vllm import SamplingParams
+
+    from talan_serve.engines.vllm.switch import talan_extra_args
+
+    engine = llm.llm_engine
+    for index, (prompt, on) in enumerate(zip(prompts, talan, strict=True)):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                extra_args=talan_extra_args(on))
+        engine.add_request(f"probe-{index}", {"prompt_token_ids": prompt}, params,
+                           lora_request=lora_request)
+    history: dict[str, list[float]] = {}
+    while engine.has_unfinished_requests():
+        engine.step()
+        for request_id, mass in llm.collective_rpc(running_state_masses)[0].items():
+            history.setdefault(request_id, []).append(mass)
+    return history
