@@ -72,7 +72,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default=None,
+                        help="default: float32, or bfloat16 with --shape")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="enforce_eager (CPU default); --no-eager for compiled/graphs")
     parser.add_argument("--out", default="bench/results/vllm_cpu_smollm2")
@@ -109,7 +110,7 @@ def main() -> None:
     if args.shape:
         engine_paths, lora_request, vocab, extra, lora_rank = shape_engines(work, args.shape)
         title, checkpoint = f"{args.shape} shape, random weights", f"random ({args.shape})"
-        args.dtype = "bfloat16" if args.dtype == "float32" else args.dtype
+        args.dtype = args.dtype or "bfloat16"
     else:
         base = Path(args.base_model) if args.base_model else default_model_dir()
         checkpoint = Path(args.checkpoint) if args.checkpoint else None
@@ -125,6 +126,7 @@ def main() -> None:
         lora_request, lora_rank, extra = prepared.lora_request(), prepared.max_lora_rank, {}
         vocab = 49152 if args.base_model is None else 1000
         title = base.name
+        args.dtype = args.dtype or "float32"
     max_batch = max(args.batches)
     common = dict(dtype=args.dtype, enforce_eager=args.eager, seed=0,
                   max_model_len=args.prompt_len + args.decode_tokens + 16,
