@@ -72,14 +72,15 @@ def running_summary(
         ``(B, T, d + 1)`` state after each sequence's last token.
     """
     num_tokens, dim = hidden.shape
-    # A [x; 1] outer product per slot: (A x, A) in one op.
     weighted = assignments.unsqueeze(-1)
-    extended = F.pad(hidden, (0, 1), value=1.0).unsqueeze(1)
     if cu_seqlens is None:
-        # A decode step: the same recurrence with a scan of length one.
-        final_state = torch.addcmul(initial_state, weighted, extended)
-        return final_state[..., :dim] / (final_state[..., dim:] + eps), final_state
-    contributions = weighted * extended
+        # A decode step: the same recurrence with a scan of length one. N and D apart, as
+        # building [x; 1] costs a pad that is dearer at this size than the extra op.
+        numerator = torch.addcmul(initial_state[..., :dim], weighted, hidden.unsqueeze(1))
+        mass = initial_state[..., dim:] + weighted
+        return numerator / (mass + eps), torch.cat([numerator, mass], dim=-1)
+    # A [x; 1] outer product per slot: (A x, A) in one op.
+    contributions = weighted * F.pad(hidden, (0, 1), value=1.0).unsqueeze(1)
     # One scan over all packed tokens, then subtract the scan at each sequence start.
     # fp64 makes that subtraction exact enough at any batch size (fp32 would lose digits
     # to the other sequences' sums) without a host sync or a Python loop over sequences.

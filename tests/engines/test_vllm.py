@@ -195,6 +195,43 @@ def test_mixed_talan_on_off_lora_in_one_batch(qwen3):
     assert on.outputs[0].logprobs != off.outputs[0].logprobs
 
 
+def test_fresh_request_joins_a_decode_step(qwen3, monkeypatch):
+    """A 1-token prompt added while another request decodes: a one-token step in which one
+    row starts a state and one continues, so the per-row resume mask must be built."""
+    from vllm import SamplingParams
+
+    from talan_serve.engines.vllm import layer
+
+    llm, prepared, reference = qwen3
+    steps = []
+    build = layer.TalanStateMetadataBuilder._build
+
+    def spy(self, m, capture):
+        metadata = build(self, m, capture)
+        steps.append((m.max_query_len, metadata.resume is None))
+        return metadata
+
+    monkeypatch.setattr(layer.TalanStateMetadataBuilder, "_build", spy)
+    requests = [Request(p) for p in random_prompts([6, 1], 500, seed=6)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
+    engine = llm.llm_engine
+    finished = {}
+
+    def step():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+
+    engine.add_request("decoding", {"prompt_token_ids": requests[0].prompt}, params,
+                       lora_request=prepared.lora_request())
+    step()  # prefill
+    step()  # first decode step: every row continues a state, no mask
+    engine.add_request("fresh", {"prompt_token_ids": requests[1].prompt}, params,
+                       lora_request=prepared.lora_request())
+    while engine.has_unfinished_requests():
+        step()
+    assert steps[1:3] == [(1, True), (1, False)]
+    assert_parity(reference, requests, [finished["decoding"], finished["fresh"]])
+
+
 def assert_every_token_absorbed(history, prompts, talan, max_tokens):
     """Mass = tokens absorbed: the prompt at prefill, then exactly +1 per decode step."""
     by_start = {}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder
@@ -44,8 +45,9 @@ class TalanStateMetadata:
     num_tokens: int
     # (num_reqs,) int64 state-cache slot of each request.
     slots: torch.Tensor
-    # (num_reqs,) bool: the request continues a state (False: a first chunk, or padding).
-    resume: torch.Tensor
+    # (num_reqs,) bool: the request continues a state (False: a first chunk, or padding);
+    # None when every request of an eager one-token step does (nothing to mask).
+    resume: torch.Tensor | None
     # (num_reqs + 1,) int64 token offsets; None when each request brings exactly one token.
     cu_seqlens: torch.Tensor | None
 
@@ -71,7 +73,12 @@ class TalanStateMetadataBuilder(AttentionMetadataBuilder[TalanStateMetadata]):
         self.resume_buffer = torch.zeros(max_bs, dtype=torch.bool, device=device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False, **kwargs):
-        m = common_attn_metadata
+        return self._build(common_attn_metadata, capture=False)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata):
+        return self._build(common_attn_metadata, capture=True)
+
+    def _build(self, m, capture: bool) -> TalanStateMetadata:
         num_reqs = m.num_reqs
         slots = mamba_get_block_table_tensor(
             m.block_table_tensor, m.seq_lens, self.kv_cache_spec, self.mamba_cache_mode
@@ -84,6 +91,10 @@ class TalanStateMetadataBuilder(AttentionMetadataBuilder[TalanStateMetadata]):
                 self.slots_buffer[:num_reqs].copy_(slots, non_blocking=True)
                 self.resume_buffer[:num_reqs].copy_(resume, non_blocking=True)
                 slots, resume = self.slots_buffer[:num_reqs], self.resume_buffer[:num_reqs]
+            if not capture and _all_continue(m.seq_lens_cpu_upper_bound, num_reqs):
+                # The usual decode step: the side path skips its per-row masking (a graph
+                # captured with it still reads the buffers above on replay).
+                resume = None
         else:
             resume = m.compute_num_computed_tokens()[:num_reqs] > 0
             cu_seqlens = m.query_start_loc[: num_reqs + 1].long()
@@ -92,8 +103,12 @@ class TalanStateMetadataBuilder(AttentionMetadataBuilder[TalanStateMetadata]):
             cu_seqlens=cu_seqlens,
         )
 
-    def build_for_cudagraph_capture(self, common_attn_metadata):
-        return self.build(0, common_attn_metadata)
+
+
+def _all_continue(seq_lens_cpu: torch.Tensor | None, num_reqs: int) -> bool:
+    """Host-side: does every request of a one-token step continue a state (no sync)?"""
+    # numpy: a third of the cost of the same reduction as torch ops, per step.
+    return seq_lens_cpu is not None and bool(seq_lens_cpu.numpy()[:num_reqs].min() > 1)
 
 
 class TalanStateBackend(ShortConvAttentionBackend):
@@ -157,36 +172,31 @@ class TalanStateLayer(MambaBase, nn.Module):
 
     def forward(self, stream: torch.Tensor) -> torch.Tensor:
         """``X~`` for the full residual stream ``X`` (num_tokens, d), in X's dtype."""
-        delta = torch.empty_like(stream)
-        getattr(torch.ops, _compat.OP_NAMESPACE).talan_side_path(stream, delta, self.prefix)
-        return stream + delta
+        return stream + side_path_delta(self.prefix, stream)
 
-    def side_path(self, stream: torch.Tensor, delta_out: torch.Tensor) -> None:
-        """Write ``X~ - X`` (zero for disabled requests and padding) into ``delta_out``."""
+    def side_path(self, stream: torch.Tensor) -> torch.Tensor:
+        """``X~ - X`` in ``stream``'s shape and dtype (zero for disabled requests, padding)."""
         metadata = _compat.forward_context().attn_metadata
         if isinstance(metadata, dict):
             metadata = metadata.get(self.prefix)
         if metadata is None:
             # Profiling / dummy run: one fresh sequence, so memory use is realistic.
             cu = torch.tensor([0, stream.shape[0]], device=stream.device, dtype=torch.long)
-            delta, _ = self.block.perturbation(stream, cu)
-            delta_out.copy_(delta)
-            return
+            return self.block.perturbation(stream, cu)[0].to(stream.dtype)
 
         if not self.any_enabled and not _capturing(stream):
             # Every request is the adapter-only model: nothing to compute, no state to move.
-            delta_out.zero_()
-            return
+            return torch.zeros_like(stream)
 
         states = self.kv_cache[0]
-        slots, cu_seqlens = metadata.slots, metadata.cu_seqlens
+        slots, cu_seqlens, resume = metadata.slots, metadata.cu_seqlens, metadata.resume
         # One token per request: static shapes over the (possibly graph-padded) rows.
         num_tokens = metadata.num_reqs if cu_seqlens is None else metadata.num_tokens
         hidden = stream if num_tokens == stream.shape[0] else stream[:num_tokens]
-        # where(), not a product: a never-written slot may hold NaN garbage.
-        initial = torch.where(
-            metadata.resume.view(-1, 1, 1), states.index_select(0, slots), 0.0
-        )
+        initial = states.index_select(0, slots)
+        if resume is not None:
+            # where(), not a product: a never-written slot may hold NaN garbage.
+            initial = torch.where(resume.view(-1, 1, 1), initial, 0.0)
         delta, final = self.block.perturbation(hidden, cu_seqlens, initial)
 
         if self.all_enabled and not _capturing(stream):
@@ -198,12 +208,26 @@ class TalanStateLayer(MambaBase, nn.Module):
             if cu_seqlens is not None:
                 enabled = enabled[sequence_index(cu_seqlens, num_tokens)]
             delta = torch.where(enabled.view(-1, 1), delta, 0.0)
-        # Python-int branches only: shapes are static under graph capture.
-        if num_tokens == delta_out.shape[0]:
-            delta_out.copy_(delta)
-        else:
-            delta_out[:num_tokens].copy_(delta)
-            delta_out[num_tokens:].zero_()
+        delta = delta.to(stream.dtype)
+        # Python-int branch only: shapes are static under graph capture.
+        if num_tokens < stream.shape[0]:
+            delta = F.pad(delta, (0, 0, 0, stream.shape[0] - num_tokens))
+        return delta
+
+
+def side_path_delta(layer_name: str, stream: torch.Tensor) -> torch.Tensor:
+    """The side path's ``X~ - X`` for ``stream``, as the model's forward calls it.
+
+    Compiled graphs (and CUDA graph capture) need the custom op: it is the split point
+    of piecewise graphs and a break of vLLM's breakable graphs, writing into an output
+    buffer. An eager CPU forward calls the layer directly, which saves the dispatcher
+    round trip, an empty output and a copy per step.
+    """
+    if torch.compiler.is_compiling() or stream.is_cuda:
+        delta = torch.empty_like(stream)
+        getattr(torch.ops, _compat.OP_NAMESPACE).talan_side_path(stream, delta, layer_name)
+        return delta
+    return _compat.forward_context().no_compile_layers[layer_name].side_path(stream)
 
 
 def _capturing(tensor: torch.Tensor) -> bool:
@@ -241,8 +265,7 @@ class TalanStatePlaceholder(MambaBase):
 
 
 def _talan_side_path(stream: torch.Tensor, delta: torch.Tensor, layer_name: str) -> None:
-    layer = _compat.forward_context().no_compile_layers[layer_name]
-    layer.side_path(stream, delta)
+    delta.copy_(_compat.forward_context().no_compile_layers[layer_name].side_path(stream))
 
 
 _compat.register_custom_op(_talan_side_path, mutates_args=["delta"])

@@ -57,14 +57,14 @@ _PATCHED_LAYER_CLASSES: dict[tuple[type, str], type] = {}
 
 def _with_side_path(layer_cls: type, where: str) -> type:
     """``layer_cls`` with the TALAN side path before (``embedding``) or after its forward."""
+    from talan_serve.engines.vllm.layer import side_path_delta
+
     key = (layer_cls, where)
     if key in _PATCHED_LAYER_CLASSES:
         return _PATCHED_LAYER_CLASSES[key]
 
     def side_path(self, stream: torch.Tensor) -> torch.Tensor:
-        delta = torch.empty_like(stream)
-        getattr(torch.ops, _compat.OP_NAMESPACE).talan_side_path(stream, delta, self._talan_name)
-        return delta
+        return side_path_delta(self._talan_name, stream)
 
     if where == "before":
 
