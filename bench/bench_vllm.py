@@ -70,8 +70,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work-dir", default="/tmp/talan-bench-vllm")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=16)
     parser.add_argument("--dtype", default=None,
                         help="default: float32, or bfloat16 with --shape")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
@@ -161,8 +161,9 @@ def main() -> None:
         vllm=__import__("vllm").__version__,
         model=title, checkpoint=str(checkpoint),
         prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
-        repeats=f"{args.repeats} runs per mode, modes interleaved; e2e: best run, "
-                "decode: median step over all runs",
+        repeats=f"{args.repeats} runs per mode, modes taking turns in ABBA order; tok/s: "
+                "best run (e2e), median step over all runs (decode); slowdowns: medians "
+                "of paired runs",
     )
     write_results(Path(args.out), meta, points)
 

@@ -202,12 +202,12 @@ def check_throughput(work: Path, results: dict, out: Path, repeats: int,
     meta = dict(title=title,
                 gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
                 vllm=__import__("vllm").__version__, prompt_len=128, decode_tokens=64,
-                repeats=f"best of {repeats}, modes interleaved",
+                repeats=f"{repeats} runs per mode, ABBA order; slowdowns: medians of paired runs",
                 lora="random rank-16 on q/k/v/o",
                 note="talan-merged = TALAN engine without a LoRA request, the cost of "
                      "TALAN over a merged LoRA; base = host engine without a LoRA request")
     write_results(out / f"throughput_{shape}", meta, points, same_engine=False)
-    rows = vllm_common.ratios(points)
+    rows = vllm_common.ratios(points, same_engine=False)
     results["throughput"] = dict(ok=True, ratios=rows)
 
 

@@ -8,6 +8,13 @@ greedy) to the engine and drives ``LLMEngine.step`` itself, timing every step:
   is the prefill), pooled over all repeats. A median over hundreds of steps shrugs off
   the bursts of other load that made whole-run timings on this 2-core host swing by
   10-20% (the old ``t(n) - t(1)`` estimate).
+
+Slowdown ratios pair runs instead: run r of a mode against run r of its baseline, the
+modes taking turns in ABBA order (reversed every other repeat), and the reported
+slowdowns are the medians of those paired ratios (of whole-run wall times for
+end-to-end, of the runs' median decode steps for decode). The host's speed drifts by up to 20%
+over minutes; neighbouring runs see nearly the same host, and ABBA cancels a steady
+drift, where a ratio of pooled medians would carry the drift between repeats.
 """
 
 
@@ -65,6 +72,9 @@ class Point:
     decode_step_ms: float
     e2e_tok_s: float
     decode_tok_s: float
+    # Each run's wall time and median decode step, in run order (the modes take turns).
+    e2e_seconds_runs: list[float]
+    decode_step_ms_runs: list[float]
 
 
 # False when the engine runs without a tokenizer (random-weight GPU shapes).
@@ -120,12 +130,16 @@ def measure_interleaved(engines: dict, modes: list[Mode], prompts, decode_tokens
     e2e = {m.name: float("inf") for m in modes}
     prefill = dict(e2e)
     decode_steps: dict[str, list[float]] = {m.name: [] for m in modes}
-    for _ in range(repeats):
-        for mode in modes:
+    run_steps: dict[str, list[float]] = {m.name: [] for m in modes}
+    run_seconds: dict[str, list[float]] = {m.name: [] for m in modes}
+    for repeat in range(repeats):
+        for mode in modes if repeat % 2 == 0 else modes[::-1]:
             elapsed, steps = run(mode, decode_tokens)
             e2e[mode.name] = min(e2e[mode.name], elapsed)
             prefill[mode.name] = min(prefill[mode.name], steps[0])
             decode_steps[mode.name] += steps[1:]
+            run_steps[mode.name].append(statistics.median(steps[1:]) * 1e3)
+            run_seconds[mode.name].append(elapsed)
     batch = len(prompts)
     points = []
     for m in modes:
@@ -134,7 +148,8 @@ def measure_interleaved(engines: dict, modes: list[Mode], prompts, decode_tokens
             mode=m.name, batch=batch, prompt_len=len(prompts[0]), decode_tokens=decode_tokens,
             e2e_seconds=e2e[m.name], prefill_seconds=prefill[m.name],
             decode_step_ms=step * 1e3, e2e_tok_s=batch * decode_tokens / e2e[m.name],
-            decode_tok_s=batch / step,
+            decode_tok_s=batch / step, e2e_seconds_runs=run_seconds[m.name],
+            decode_step_ms_runs=run_steps[m.name],
         ))
     return points
 
@@ -166,9 +181,14 @@ def ratios(points: list[Point], same_engine: bool = True) -> list[dict[str, Any]
             if (mode, batch) not in table or (baseline, batch) not in table:
                 continue
             a, b = table[(mode, batch)], table[(baseline, batch)]
+            # Run r of the mode against run r of its baseline: neighbours in time.
+            e2e = [x / y for x, y in zip(a.e2e_seconds_runs, b.e2e_seconds_runs, strict=True)]
+            decode = [x / y for x, y in
+                      zip(a.decode_step_ms_runs, b.decode_step_ms_runs, strict=True)]
             rows.append(dict(comparison=label, batch=batch,
-                             e2e_slowdown=b.e2e_tok_s / a.e2e_tok_s,
-                             decode_slowdown=b.decode_tok_s / a.decode_tok_s))
+                             e2e_slowdown=statistics.median(e2e), e2e_slowdown_runs=e2e,
+                             decode_slowdown=statistics.median(decode),
+                             decode_slowdown_runs=decode))
     return rows
 
 
@@ -185,13 +205,22 @@ def write_results(out: Path, meta: dict[str, Any], points: list[Point],
     for p in points:
         lines.append(f"| {p.mode} | {p.batch} | {p.e2e_tok_s:.1f} | {p.decode_tok_s:.1f} | "
                      f"{p.decode_step_ms:.2f} | {p.e2e_seconds:.3f} | {p.prefill_seconds:.3f} |")
-    lines += ["", "Slowdown (baseline throughput / mode throughput; 1.00 = no overhead):", "",
-              "| comparison | batch | end-to-end | decode |", "|---|---|---|---|"]
+    lines += ["", "Slowdown (mode time / baseline time; 1.00 = no overhead): the median over "
+              "repeats of a run against its baseline's run in the same repeat, of the "
+              "whole run's wall time (end-to-end) and of its median decode step (decode); "
+              "runs: the lowest and highest of those paired ratios.", "",
+              "| comparison | batch | end-to-end | e2e runs | decode | decode runs |",
+              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['comparison']} | {r['batch']} | {r['e2e_slowdown']:.3f}x | "
-                     f"{r['decode_slowdown']:.3f}x |")
+                     f"{_spread(r['e2e_slowdown_runs'])} | {r['decode_slowdown']:.3f}x | "
+                     f"{_spread(r['decode_slowdown_runs'])} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}" if values else "-"
 
 
 def write_random_lora(out: Path, hf_config: Any, rank: int = 16, seed: int = 0) -> Path:
