@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds SIGTERM waits for in-flight requests before exiting")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="skip graph capture/compilation: fast start; slower decode on GPU, "
-                        "faster on small CPU hosts (README, Benchmarks)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip graph capture/compilation (default: on without a GPU, where "
+                        "vLLM's compiled CPU mode decodes slower and starts slower; off "
+                        "with one, where CUDA graphs pay; README, Benchmarks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info")
     return p
@@ -74,13 +75,18 @@ def resolve(args: argparse.Namespace) -> Plan:
     return Plan(served, str(resolved.base_model), checkpoint)
 
 
-def _cpu_defaults() -> None:
+def _cpu_defaults(args: argparse.Namespace) -> None:
     import torch
 
-    if not torch.cuda.is_available():
-        # vLLM's CPU backend otherwise sizes the KV cache from a memory check that fails on
-        # small hosts; 1 GiB holds the default model's context many times over.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if torch.cuda.is_available():
+        args.enforce_eager = bool(args.enforce_eager)
+        return
+    # vLLM's CPU backend otherwise sizes the KV cache from a memory check that fails on
+    # small hosts; 1 GiB holds the default model's context many times over.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.enforce_eager is None:
+        args.enforce_eager = True
+        logger.info("no GPU: serving eager (--no-enforce-eager for vLLM's compiled CPU mode)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"talan-serve: --talan {args.talan}: no such checkpoint directory",
               file=sys.stderr)
         return 2
-    _cpu_defaults()
+    _cpu_defaults(args)
     return serve(args, plan)
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.cli import build_parser, main
 
@@ -62,6 +63,17 @@ def test_default_commands():
     cpu = build_parser().parse_args(docker_run_argv("Dockerfile.cpu"))
     assert gpu.model == "q8b-talan"
     assert cpu.model is None  # talan-serve's own default: smollm2-talan-demo
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-host default")
+def test_cpu_hosts_serve_eager_unless_told_otherwise(monkeypatch):
+    from server.cli import _cpu_defaults
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    for argv, eager in (([], True), (["--enforce-eager"], True), (["--no-enforce-eager"], False)):
+        args = build_parser().parse_args(docker_run_argv("Dockerfile.cpu", *argv))
+        _cpu_defaults(args)
+        assert args.enforce_eager is eager, argv
 
 
 def test_missing_checkpoint_names_the_training_command(tmp_path, monkeypatch, capsys):
