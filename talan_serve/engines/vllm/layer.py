@@ -4,7 +4,8 @@ The layer is a ``MambaBase`` so that vLLM allocates, carries, releases and (in "
 prefix-caching mode) checkpoints one ``(T, d + 1)`` fp32 state per request, exactly as
 for its own recurrent layers. Per step the layer only
 
-* gathers the states of the batch's requests by their state-slot indices,
+* gathers the states of the batch's requests by their state-slot indices (zeroing those
+  of requests that start one, unless the builder saw on the host that none does),
 * hands the block vLLM's own ``query_start_loc`` as ``cu_seqlens`` (or nothing, when
   every request brings one token: the block's decode-step entry),
 * calls ``TalanBlock.perturbation`` (all of the math lives there),
@@ -15,7 +16,7 @@ order, so the batch is never reordered and the metadata is a few tensors (both o
 measurably cost per step; bench/results/vllm_step_parts_cpu.md). A one-token-per-request
 step uses persistent metadata buffers and static shapes, so full CUDA graphs capture
 it; other steps run it between piecewise graphs (its op is a splitting op, like vLLM's
-attention and mamba ops).
+attention and mamba ops). An eager CPU forward calls the layer without the op.
 """
 
 from __future__ import annotations
@@ -102,7 +103,6 @@ class TalanStateMetadataBuilder(AttentionMetadataBuilder[TalanStateMetadata]):
             num_reqs=num_reqs, num_tokens=m.num_actual_tokens, slots=slots, resume=resume,
             cu_seqlens=cu_seqlens,
         )
-
 
 
 def _all_continue(seq_lens_cpu: torch.Tensor | None, num_reqs: int) -> bool:
