@@ -170,7 +170,8 @@ def main() -> None:
                 torch_threads=torch.get_num_threads(), prompt_len=32,
                 decode_tokens=args.decode_tokens, repeats=args.repeats,
                 vllm=__import__("vllm").__version__)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    record = json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n"
+    out.parent.joinpath(f"{out.name}.json").write_text(record)
     lines = ["# Per-step parts of a decode step: plain host vs TALAN (merged LoRA), vLLM CPU",
              "", f"`python bench/profile_vllm_step.py` ({meta['vllm']}, fp32, eager, "
              f"{meta['torch_threads']} threads, SmolLM2-135M, prompt 32, "
@@ -182,7 +183,7 @@ def main() -> None:
     for row in rows:
         lines.append(f"| {row['batch']} | {row['part']} | {row['base_us']:.0f} | "
                      f"{row['talan_us']:.0f} | {row['talan_us'] - row['base_us']:+.0f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.parent.joinpath(f"{out.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -197,7 +197,8 @@ def write_results(out: Path, meta: dict[str, Any], points: list[Point],
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = ratios(points, same_engine)
     record = dict(meta=meta, points=[asdict(p) for p in points], ratios=rows)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    # Not with_suffix: a name like vllm_cpu_qwen3-0.6b already has a "suffix" (.6b).
+    out.parent.joinpath(f"{out.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# vLLM engine benchmark: {meta.get('title', '')}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if k != "title"]
     lines += ["", "| mode | batch | e2e tok/s | decode tok/s | decode step ms | e2e s "
@@ -215,7 +216,7 @@ def write_results(out: Path, meta: dict[str, Any], points: list[Point],
         lines.append(f"| {r['comparison']} | {r['batch']} | {r['e2e_slowdown']:.3f}x | "
                      f"{_spread(r['e2e_slowdown_runs'])} | {r['decode_slowdown']:.3f}x | "
                      f"{_spread(r['decode_slowdown_runs'])} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.parent.joinpath(f"{out.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
