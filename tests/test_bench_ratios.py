@@ -36,8 +36,9 @@ def test_gpu_runs_leave_out_same_engine_ratios(tmp_path):
               point("lora-only", [10.0])]
     assert [r["comparison"] for r in ratios(points, same_engine=False)] == [
         "TALAN+LoRA vs LoRA-only, host engine", "LoRA-only: TALAN engine (off) vs host engine"]
-    write_results(tmp_path / "out", {"title": "t"}, points, same_engine=False)
-    table = (tmp_path / "out.md").read_text()
+    write_results(tmp_path / "gpu-0.6b", {"title": "t"}, points, same_engine=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-0.6b.json", "gpu-0.6b.md"]
+    table = (tmp_path / "gpu-0.6b.md").read_text()
     row = ("| TALAN+LoRA vs LoRA-only, host engine | 8 | 1.010x | 1.010-1.010 | 1.010x "
            "| 1.010-1.010 |")
     assert row in table
