@@ -86,15 +86,17 @@ class TalanStateMetadataBuilder(AttentionMetadataBuilder[TalanStateMetadata]):
         )[:num_reqs, 0].long()
         if m.max_query_len == 1:
             # One token per request (graph padding rows: seq_len 0, the null slot).
-            resume = m.seq_lens[:num_reqs] > 1
             cu_seqlens = None
+            # The usual decode step: every request continues its state, seen on the host,
+            # so the side path skips its per-row mask. Graphs are captured with the mask and
+            # read the buffers below on replay, so those are filled either way.
+            skip_mask = not capture and _all_continue(m.seq_lens_cpu_upper_bound, num_reqs)
+            resume = None if skip_mask and not self.full_graphs else m.seq_lens[:num_reqs] > 1
             if self.full_graphs and num_reqs <= self.slots_buffer.shape[0]:
                 self.slots_buffer[:num_reqs].copy_(slots, non_blocking=True)
                 self.resume_buffer[:num_reqs].copy_(resume, non_blocking=True)
                 slots, resume = self.slots_buffer[:num_reqs], self.resume_buffer[:num_reqs]
-            if not capture and _all_continue(m.seq_lens_cpu_upper_bound, num_reqs):
-                # The usual decode step: the side path skips its per-row masking (a graph
-                # captured with it still reads the buffers above on replay).
+            if skip_mask:
                 resume = None
         else:
             resume = m.compute_num_computed_tokens()[:num_reqs] > 0
