@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from server.testing import free_port
+from server.local import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "bench"
@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.model is None:
-        from talan_serve.models import default_model_dir
+        from talan_serve.base_models import default_model_dir
 
         args.model = str(default_model_dir())
     if args.enforce_eager is None:

@@ -103,8 +103,9 @@ def main() -> None:
     import torch
     from vllm import LLM
 
-    from talan_serve.engines.vllm import prepare_model_dir
-    from talan_serve.models import default_model_dir
+    from talan_serve.base_models import default_model_dir
+    from talan_serve.plugins.vllm import lora_request, max_lora_rank
+    from talan_serve.prepared import prepare_model_dir
     from talan_serve.testing import build_tiny_checkpoint
 
     if args.shape:
@@ -123,7 +124,7 @@ def main() -> None:
                                    merge_lora=True)
         engine_paths = {"talan": prepared.path, "host": base, "plain": base,
                         "talan-merged": merged.path}
-        lora_request, lora_rank, extra = prepared.lora_request(), prepared.max_lora_rank, {}
+        lora_request, lora_rank, extra = lora_request(prepared), max_lora_rank(prepared), {}
         vocab = 49152 if args.base_model is None else 1000
         title = base.name
         args.dtype = args.dtype or "float32"

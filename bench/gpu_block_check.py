@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from talan_serve.block import TalanBlock, empty_state  # noqa: E402
-from talan_serve.config import preset  # noqa: E402
+from talan_serve.presets import preset  # noqa: E402
 from talan_serve.testing import tiny_talan_config  # noqa: E402
 
 

@@ -4,7 +4,8 @@
    TALAN+LoRA, greedy ids on 8 prompts of 1-300 tokens, 48 new tokens each. fp32: ids
    must be equal. bf16: equal, or TALAN-on requests stay equal on average at least 90% as
    long as TALAN-off (LoRA-only) requests of the same engines: kernels round differently
-   with and without graphs, TALAN must add no divergence of its own (TALAN_SPEC 4.1).
+   with and without graphs, TALAN must add no divergence of its own (docs/design.md,
+   "Properties": parity).
 2. ``every_token``: in the graph engine, step by step, each request's state mass
    ``sum_t D[t]`` (= tokens absorbed) equals the prompt length after prefill and grows
    by exactly 1 per decode step, i.e. the side path ran inside the replayed graphs.
@@ -73,10 +74,10 @@ def engine(path: Path, eager: bool, **kwargs):
 def greedy(llm, prompts, talan: bool, lora_request, max_tokens: int) -> list[list[int]]:
     from vllm import SamplingParams
 
-    from talan_serve.engines.vllm import talan_extra_args
+    from talan_serve.switch import switch_args
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                            extra_args=talan_extra_args(talan))
+                            extra_args=switch_args(talan))
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                            lora_request=lora_request, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
@@ -88,7 +89,7 @@ def first_divergence(a: list[int], b: list[int]) -> int:
 
 def graphs_vs_eager(prepared, dtype: str, prompts, lora, lora_options) -> dict:
     """Greedy ids of eager vs compiled+graphs engines; bf16 also runs the state probe."""
-    from talan_serve.engines.vllm.probe import stepwise_state_masses
+    from talan_serve.plugins.vllm.probe import stepwise_state_masses
 
     ids = {}
     probe = None
@@ -123,7 +124,8 @@ def graphs_vs_eager(prepared, dtype: str, prompts, lora, lora_options) -> dict:
 
 
 def check_graphs_and_every_token(work: Path, results: dict) -> None:
-    from talan_serve.engines.vllm import prepare_model_dir
+    from talan_serve.plugins.vllm import lora_request
+    from talan_serve.prepared import prepare_model_dir
     from talan_serve.testing import build_tiny_checkpoint, build_tiny_model
 
     model = build_tiny_model("qwen3", work / "tiny-qwen3")
@@ -133,7 +135,7 @@ def check_graphs_and_every_token(work: Path, results: dict) -> None:
     prepared = prepare_model_dir(checkpoint, work / "tiny-served", base_model_dir=model)
     lengths = [1, 5, 17, 33, 64, 100, 180, 300]
     prompts = [random_prompts(1, n, 500, seed=n)[0] for n in lengths]
-    lora = prepared.lora_request()
+    lora = lora_request(prepared)
     lora_options = dict(enable_lora=True, max_lora_rank=8, max_loras=1)
     report = {}
     for dtype in ("bfloat16", "float32"):
@@ -147,7 +149,7 @@ def check_graphs_and_every_token(work: Path, results: dict) -> None:
     fp32, bf16 = report["float32"], report["bfloat16"]
     # fp32: graphs must not change a single greedy token. bf16: graphs and eager kernels
     # round differently, with or without TALAN; TALAN must add no divergence of its own
-    # (TALAN-on requests stay equal about as long as TALAN-off ones, TALAN_SPEC 4.1).
+    # (TALAN-on requests stay equal about as long as TALAN-off ones: docs/design.md, "Properties").
     bf16_ok = bf16["greedy_ids_equal"] or bf16.get("mean_on", 0) >= 0.9 * bf16.get("mean_off", 1)
     results["graphs"] = dict(ok=fp32["greedy_ids_equal"] and bf16_ok, prompt_lengths=lengths,
                              max_tokens=48, cudagraph_mode=mode, **report)

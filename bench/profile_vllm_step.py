@@ -63,13 +63,13 @@ def instrument() -> None:
     import vllm.v1.worker.gpu_model_runner as runner
 
     from talan_serve.block import TalanBlock
-    from talan_serve.engines.vllm import layer
+    from talan_serve.plugins.vllm import layer, state_backend
 
     timed(scheduler.Scheduler, "schedule", "scheduler.schedule")
     timed(runner.GPUModelRunner, "_update_states", "runner._update_states")
     timed(runner.GPUModelRunner, "_may_reorder_batch", "  of which _may_reorder_batch")
     timed(runner.GPUModelRunner, "_build_attention_metadata", "runner attention metadata")
-    timed(layer.TalanStateMetadataBuilder, "build", "  of which TALAN's builder")
+    timed(state_backend.TalanStateMetadataBuilder, "build", "  of which TALAN's builder")
     timed(runner.GPUModelRunner, "_model_forward", "model forward")
     timed(layer.TalanStateLayer, "side_path", "  of which the side-path op")
     perturbation = TalanBlock.perturbation
@@ -117,8 +117,8 @@ def main() -> None:
     import torch
     from vllm import LLM
 
-    from talan_serve.engines.vllm import prepare_model_dir
-    from talan_serve.models import default_model_dir
+    from talan_serve.base_models import default_model_dir
+    from talan_serve.prepared import prepare_model_dir
     from talan_serve.testing import build_tiny_checkpoint
 
     base = default_model_dir()

@@ -3,7 +3,7 @@
 # (bench/gpu_block_check.py) need torch only; the engine checks need vLLM's CUDA build
 # (docker/ GPU image: vllm==0.33.0) and this repo installed (pip install -e . --no-deps,
 # for the vllm.general_plugins entry point).
-# Results: bench/results/gpu_h200/ (also copied to $OUT when the device tool sets it).
+# Results: bench/results/gpu_h200/ (also copied to $OUT when that is set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=bench/results/gpu_h200

@@ -85,10 +85,10 @@ def _run(llm, prompts, max_tokens: int, talan: bool, lora_request) -> tuple[floa
     """One batch through the engine: total wall time and the time of each step."""
     from vllm import SamplingParams
 
-    from talan_serve.engines.vllm import talan_extra_args
+    from talan_serve.switch import switch_args
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                            detokenize=DETOKENIZE, extra_args=talan_extra_args(talan))
+                            detokenize=DETOKENIZE, extra_args=switch_args(talan))
     engine = llm.llm_engine
     start = time.perf_counter()
     for prompt in prompts:
@@ -269,8 +269,7 @@ def shape_config(shape: str):
     """(host config, TALAN config) for a named shape, or ``tiny`` (smoke runs)."""
     from dataclasses import replace
 
-    from talan_serve.config import preset
-    from talan_serve.hosts import host_config
+    from talan_serve.presets import host_config, preset
 
     if shape == "tiny":
         from talan_serve.testing import tiny_host_config, tiny_talan_config
@@ -288,13 +287,15 @@ def shape_config(shape: str):
 
 def write_shape_model(out: Path, talan: bool, shape: str = "q8b") -> Path:
     """Host config (random weights via load_format=dummy), optionally with TALAN."""
+    from talan_serve.prepared import talan_model_config
+
     config, talan_config = shape_config(shape)
     record = config.to_dict()
-    record["architectures"] = ["TalanQwen3ForCausalLM" if talan else "Qwen3ForCausalLM"]
+    record["architectures"] = ["Qwen3ForCausalLM"]
     record["dtype"] = "bfloat16"
     record["max_position_embeddings"] = 4096
     if talan:
-        record["talan"] = talan_config.to_dict()
+        record = talan_model_config(record, talan_config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     return out

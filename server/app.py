@@ -12,9 +12,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.backends.base import Backend, EngineDeadError
 from server.chat import create_chat_completion
 from server.completions import create_completion
-from server.engine import Engine, EngineDeadError
 from server.errors import APIError, bad_request
 from server.http import check_auth, parse, read_json
 from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -23,18 +23,18 @@ from server.state import ServerSettings, ServerState
 logger = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
-    state = ServerState(engine, settings or ServerSettings())
+def create_app(backend: Backend, settings: ServerSettings | None = None) -> FastAPI:
+    state = ServerState(backend, settings or ServerSettings())
     started = int(time.time())
     Gauge("talan_serve_engine_unfinished_requests",
           "Requests the engine still holds (0 when idle; a leak check)",
-          registry=state.metrics.registry).set_function(engine.num_unfinished)
+          registry=state.metrics.registry).set_function(backend.num_unfinished)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         # Reached after uvicorn has drained in-flight requests (SIGTERM/SIGINT).
-        await engine.shutdown()
+        await backend.shutdown()
 
     app = FastAPI(title="talan-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
@@ -64,7 +64,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     def check_model(name: str | None) -> None:
         if not state.accepts_model(name):
             raise APIError(404, f"The model '{name}' does not exist; this server serves "
-                           f"'{engine.info.name}'", type="not_found_error", param="model",
+                           f"'{backend.info.name}'", type="not_found_error", param="model",
                            code="model_not_found")
 
     @app.get("/health")
@@ -72,7 +72,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         if state.admission.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         try:
-            await engine.health()
+            await backend.health()
         except EngineDeadError as error:
             return JSONResponse({"status": "engine_dead", "detail": str(error)}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -84,9 +84,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.get("/v1/models")
     async def models(request: Request) -> ModelList:
         guard(request)
-        info = engine.info
+        info = backend.info
         return ModelList(data=[ModelCard(id=name, created=started,
-                                         max_model_len=info.max_model_len, talan=info.talan)
+                                         max_model_len=info.max_model_len, talan=info.talan,
+                                         dtype=info.dtype, adapter=info.adapter)
                                for name in (info.name, *state.settings.served_names)])
 
     async def handle(request: Request, endpoint: str, schema, create) -> Response:

@@ -35,7 +35,7 @@ def _finish(reason: str | None) -> str | None:
 async def create_chat_completion(
     state: ServerState, body: ChatCompletionRequest, request: Request
 ):
-    info = state.engine.info
+    info = state.backend.info
     prompt = chat_prompt(info, body)
     if body.max_completion_tokens is not None and body.max_tokens is not None \
             and body.max_completion_tokens != body.max_tokens:
@@ -49,7 +49,7 @@ async def create_chat_completion(
         raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
     top_k = body.top_logprobs or 0
     sampling = sampling_options(body, max_tokens, top_k if body.logprobs else None)
-    run = Run(state.engine, state.admission, state.metrics, "chat", [prompt.token_ids], sampling)
+    run = Run(state.backend, state.admission, state.metrics, "chat", [prompt.token_ids], sampling)
     created = int(time.time())
     response_id = f"chatcmpl-{run.request_id}"
     choices = {i: _Choice() for i in range(body.n)}

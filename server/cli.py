@@ -112,12 +112,12 @@ def serve(args: argparse.Namespace, plan: Plan) -> int:
     import uvicorn
 
     from server.app import create_app
-    from server.backends import make_engine
+    from server.backends import make_backend
     from server.state import ServerSettings
 
     logger.info("serving %s (model %s, TALAN %s) with %s", plan.served_name, plan.model_dir,
                 plan.checkpoint or "none", args.engine)
-    engine = make_engine(
+    backend = make_backend(
         args.engine, model_dir=plan.model_dir, served_name=plan.served_name,
         talan_checkpoint=plan.checkpoint, max_model_len=args.max_model_len, dtype=args.dtype,
         deterministic=args.deterministic, max_num_seqs=args.max_num_seqs,
@@ -128,7 +128,7 @@ def serve(args: argparse.Namespace, plan: Plan) -> int:
     settings = ServerSettings(api_key=args.api_key, max_queued_requests=args.max_queued_requests,
                               max_body_bytes=args.max_body_bytes,
                               deterministic=args.deterministic)
-    app = create_app(engine, settings)
+    app = create_app(backend, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout,
                             timeout_keep_alive=5)

@@ -33,7 +33,7 @@ def _finish(reason: str | None) -> str | None:
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request):
-    info = state.engine.info
+    info = state.backend.info
     if body.max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo)",
                           param="max_tokens")
@@ -43,7 +43,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     sampling = sampling_options(body, max(body.max_tokens or 0, 1), body.logprobs,
                                 prompt_logprobs)
-    run = Run(state.engine, state.admission, state.metrics, "completions",
+    run = Run(state.backend, state.admission, state.metrics, "completions",
               [p.token_ids for p in prompts], sampling)
     created = int(time.time())
     response_id = f"cmpl-{run.request_id}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.engine import PositionLogprobs
+from server.backends.base import PositionLogprobs
 
 # JSON has no -inf; OpenAI-compatible servers clamp (as vLLM's does).
 FLOOR = -9999.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engine import ModelInfo
+from server.backends.base import ModelInfo
 from server.errors import APIError, bad_request
 from server.schemas import ChatCompletionRequest, CompletionRequest
 

@@ -8,8 +8,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from server.engine import (
-    Engine,
+from server.backends.base import (
+    Backend,
     EngineDeadError,
     EngineInputError,
     GenerateOutput,
@@ -52,7 +52,7 @@ class Admission:
 class Run:
     """Runs prompts through the engine and yields ``(prompt_index, output)`` in arrival order."""
 
-    engine: Engine
+    backend: Backend
     admission: Admission
     metrics: Metrics
     endpoint: str
@@ -92,7 +92,7 @@ class Run:
         self.aborted = True
         self.metrics.aborted.labels(reason).inc()
         for index in unfinished:
-            await self.engine.abort(self.engine_id(index))
+            await self.backend.abort(self.engine_id(index))
 
     def _account(self, output: GenerateOutput) -> None:
         if not self._got_first:
@@ -108,7 +108,7 @@ class Run:
         try:
             if len(self.prompts) == 1:
                 # The common case: no queue, no extra task.
-                async for output in self.engine.generate(self._request(0)):
+                async for output in self.backend.generate(self._request(0)):
                     self._account(output)
                     if output.finished:
                         self.finished.add(0)
@@ -146,7 +146,7 @@ class Run:
 
         async def pump(index: int) -> None:
             try:
-                async for output in self.engine.generate(self._request(index)):
+                async for output in self.backend.generate(self._request(index)):
                     await queue.put((index, output))
             except BaseException as error:  # noqa: B036 - forwarded to the consumer
                 await queue.put((index, error))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from server.engine import SamplingOptions
+from server.backends.base import SamplingOptions
 from server.errors import bad_request
 from server.schemas import _SamplingFields
+from talan_serve.switch import parse_switch
 
 
 def sampling_options(
@@ -31,5 +32,5 @@ def sampling_options(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         ignore_eos=request.ignore_eos,
-        talan_enabled=request.talan is None or request.talan.enabled,
+        talan_enabled=parse_switch(request.talan),
     )

@@ -7,9 +7,20 @@ ignored, as OpenAI clients send fields this server does not implement.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
+
+from talan_serve.switch import parse_switch
 
 # JSON numbers that Python would accept but no engine should see (NaN, inf, 2**100).
 Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
@@ -26,8 +37,19 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class TalanOptions(_Request):
-    enabled: StrictBool = True
+def _check_switch(value: Any) -> Any:
+    parse_switch(value)  # the one parser the engine plugins use (a SwitchError is a 400)
+    return value
+
+
+# The per-request TALAN switch, ``{"enabled": false}``; read with talan_serve.switch.
+TalanSwitch = Annotated[
+    Any,
+    AfterValidator(_check_switch),
+    WithJsonSchema({"anyOf": [{"type": "object", "additionalProperties": False,
+                               "properties": {"enabled": {"type": "boolean"}}},
+                              {"type": "null"}]}),
+]
 
 
 class StreamOptions(_Request):
@@ -47,7 +69,7 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
     user: StrictStr | None = None
-    talan: TalanOptions | None = None
+    talan: TalanSwitch = None
 
 
 Prompt = (
@@ -167,6 +189,8 @@ class ModelCard(BaseModel):
     owned_by: str = "talan-serve"
     max_model_len: int
     talan: bool
+    dtype: str
+    adapter: Literal["merged", "per_request"] | None
 
 
 class ModelList(BaseModel):

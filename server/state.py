@@ -1,10 +1,10 @@
-"""What every endpoint needs: the engine, limits, metrics and settings."""
+"""What every endpoint needs: the backend, limits, metrics and settings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.engine import Engine
+from server.backends.base import Backend
 from server.metrics import Metrics
 from server.runner import Admission
 
@@ -20,7 +20,7 @@ class ServerSettings:
 
 @dataclass
 class ServerState:
-    engine: Engine
+    backend: Backend
     settings: ServerSettings
     metrics: Metrics = field(default_factory=Metrics)
     admission: Admission = field(init=False)
@@ -29,4 +29,4 @@ class ServerState:
         self.admission = Admission(self.settings.max_queued_requests)
 
     def accepts_model(self, name: str | None) -> bool:
-        return name is None or name == self.engine.info.name or name in self.settings.served_names
+        return name is None or name == self.backend.info.name or name in self.settings.served_names

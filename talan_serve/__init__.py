@@ -2,7 +2,8 @@
 
 from talan_serve.block import TalanBlock, empty_state
 from talan_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from talan_serve.config import PRESETS, TalanConfig, TalanConfigError, preset
+from talan_serve.config import TalanConfig, TalanConfigError
+from talan_serve.presets import PRESETS, preset
 from talan_serve.reference import (
     attach_talan,
     detach_talan,

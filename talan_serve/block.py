@@ -5,7 +5,7 @@ One implementation serves every caller. Tokens arrive *packed*: ``hidden`` is
 where each starts, and ``initial_state`` carries each sequence's running summary
 ``(N, D)`` from earlier calls (a previous chunk or decode step). A whole padded batch,
 a chunked prefill, a mixed prefill/decode engine batch and one decode step are all this
-one call with different metadata; see TALAN_SPEC.md section 1 for the math.
+one call with different metadata; docs/design.md ("The block") gives the math.
 
 All of it is tensor ops with shapes fixed by the inputs: no host synchronisation, no
 Python loop over sequences, no data-dependent branches, so engines can capture it in
@@ -35,14 +35,16 @@ def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
     return F.linear(x, _f32(layer.weight), bias)
 
 
+# The running summary's dtype, whatever the host's: a sum over the whole context.
+STATE_DTYPE = torch.float32
+
+
 def empty_state(config: TalanConfig, num_seqs: int, device: torch.device | str | None = None):
-    """Running summaries of ``num_seqs`` fresh sequences: ``(num_seqs, T, d + 1)`` fp32 zeros.
+    """Running summaries of ``num_seqs`` fresh sequences: ``(num_seqs, *config.state_shape)``.
 
     ``state[..., :d]`` is the running numerator N and ``state[..., d]`` the running mass D.
     """
-    return torch.zeros(
-        num_seqs, config.n_themes, config.hidden_size + 1, dtype=torch.float32, device=device
-    )
+    return torch.zeros(num_seqs, *config.state_shape, dtype=STATE_DTYPE, device=device)
 
 
 def sequence_index(cu_seqlens: Tensor, num_tokens: int) -> Tensor:

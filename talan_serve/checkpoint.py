@@ -1,6 +1,6 @@
 """The TALAN checkpoint directory: write it, and refuse to load a broken one.
 
-Layout (TALAN_SPEC.md section 3)::
+Layout (docs/design.md, "Checkpoints")::
 
     talan_config.json          TalanConfig            (absent in a LoRA-only twin)
     talan_model.safetensors    TalanBlock tensors     (absent in a LoRA-only twin)
@@ -152,15 +152,10 @@ def _check_tensors(path: Path, config: TalanConfig, tensors: dict[str, Tensor]) 
             raise CheckpointError(f"{path}: tensor {name} is {got.dtype}, expected torch.float32")
 
 
-def load_checkpoint(
-    path: str | Path,
-    hidden_size: int | None = None,
-    num_layers: int | None = None,
-) -> TalanCheckpoint:
-    """Read and validate a checkpoint directory.
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's manifest (base model, what it holds), checked for format only.
 
-    With ``hidden_size``/``num_layers`` of the intended host, also refuses a config that
-    does not fit it. Every failure raises ``CheckpointError`` naming the problem.
+    Cheap: hashes nothing and loads no tensors. ``load_checkpoint`` validates the rest.
     """
     root = Path(path)
     if not root.is_dir():
@@ -173,9 +168,26 @@ def load_checkpoint(
             f"{root / MANIFEST_NAME}: format_version {manifest.get('format_version')!r} "
             f"is not supported (this talan-serve reads {FORMAT_VERSION})"
         )
-    listed = manifest.get("files")
-    if not isinstance(listed, dict) or not isinstance(manifest.get("base_model"), str):
+    if not isinstance(manifest.get("files"), dict) or not isinstance(
+        manifest.get("base_model"), str
+    ):
         raise CheckpointError(f"{root / MANIFEST_NAME}: needs 'files' and 'base_model'")
+    return manifest
+
+
+def load_checkpoint(
+    path: str | Path,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+) -> TalanCheckpoint:
+    """Read and validate a checkpoint directory.
+
+    With ``hidden_size``/``num_layers`` of the intended host, also refuses a config that
+    does not fit it. Every failure raises ``CheckpointError`` naming the problem.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    listed = manifest["files"]
     required = ([CONFIG_NAME, WEIGHTS_NAME] if manifest.get("talan") else []) + (
         list(ADAPTER_FILES) if manifest.get("adapter") else [])
     for name in required:

@@ -1,7 +1,8 @@
-"""TalanConfig: the six configuration axes of a TALAN block, and the paper's presets.
+"""TalanConfig: the six configuration axes of a TALAN block.
 
 The field names follow the paper's Appendix C records (``n_themes``, ``network_type``, ...)
-so that those records load verbatim; TALAN_SPEC.md section 1 defines what each one means.
+so that those records load verbatim; docs/design.md ("The block") defines what each one
+means. The paper's four configurations are in ``talan_serve.presets``.
 """
 
 from __future__ import annotations
@@ -126,9 +127,17 @@ class TalanConfig:
         return int(match.group(1))
 
     @property
+    def state_shape(self) -> tuple[int, int]:
+        """One request's running summary ``(N, D)``: ``(T, d + 1)`` (fp32, ``block.STATE_DTYPE``).
+
+        The state contract every engine allocates per request (docs/design.md).
+        """
+        return (self.n_themes, self.hidden_size + 1)
+
+    @property
     def state_size(self) -> int:
         """Floats per request of the running summary: T x (d + 1)."""
-        return self.n_themes * (self.hidden_size + 1)
+        return self.state_shape[0] * self.state_shape[1]
 
     def check_host(self, hidden_size: int, num_layers: int) -> None:
         """Raise if this config cannot be placed in a host of that shape."""
@@ -186,46 +195,3 @@ class TalanConfig:
         except json.JSONDecodeError as err:
             raise TalanConfigError(f"TalanConfig: {path} is not valid JSON: {err}") from err
         return cls.from_dict(record)
-
-
-# The paper's four audited configurations (Table 1 + Appendix C), at their hosts' widths.
-# The paper does not publish the mixer width r; these values reproduce its Table 6
-# parameter counts (README, "TALAN size per preset").
-PRESETS: dict[str, dict[str, Any]] = {
-    "q32b": dict(
-        clustering_method="attention", n_themes=2, network_type="multihead_local",
-        integration_type="learned_gate", gate_type="vector", alpha=0.008, freeze_steps=0,
-        connection_point="layer_12", hidden_size=5120, mixer_dim=1664, num_heads=8,
-        trainable="all", grad_scale=500.0,
-    ),
-    "ds32b": dict(
-        clustering_method="attention", n_themes=2, network_type="cross_attn",
-        integration_type="learned_gate", gate_type="vector", alpha=0.001, freeze_steps=0,
-        connection_point="embedding", hidden_size=5120, mixer_dim=288, num_heads=8,
-        trainable="all", grad_scale=500.0,
-    ),
-    "q8b": dict(
-        clustering_method="attention", n_themes=2, network_type="per_token_mix",
-        integration_type="learned_gate", gate_type="vector", alpha=0.0015, freeze_steps=0,
-        connection_point="layer_4", hidden_size=4096, mixer_dim=736, num_heads=8,
-        trainable="all", grad_scale=1000.0, activate_steps=20,
-    ),
-    "moe": dict(
-        clustering_method="soft_mos", n_themes=6, network_type="multihead_local",
-        integration_type="learned_gate", gate_type="scalar", alpha=0.008, freeze_steps=35,
-        connection_point="embedding", hidden_size=2048, mixer_dim=1952, num_heads=8,
-        trainable="frozen", grad_scale=1.0,
-    ),
-}
-
-
-def preset(name: str, **overrides: Any) -> TalanConfig:
-    """One of the paper's audited configurations, optionally with fields overridden."""
-    try:
-        record = dict(PRESETS[name])
-    except KeyError:
-        raise TalanConfigError(
-            f"unknown TALAN preset {name!r}; known presets: {', '.join(PRESETS)}"
-        ) from None
-    record.update(overrides)
-    return TalanConfig(**record)

@@ -222,9 +222,12 @@ def load_reference(
     """Load base model + PEFT adapter + TALAN as an eval-mode transformers model.
 
     Args:
-        model: a local HF model directory or a name ``talan_serve.models`` resolves.
+        model: anything ``talan-serve --model`` takes: a registry name
+            (``smollm2-talan-demo``: its base model and checkpoint), a checkpoint
+            directory, a local HF model directory; or a hub id, where a hub is reachable.
         talan: a checkpoint directory (its adapter is used when ``adapter`` is None),
-            a ``TalanConfig`` (random-initialised block), or None for no TALAN.
+            a ``TalanConfig`` (random-initialised block), or None: the checkpoint that
+            ``model`` names, if any.
         adapter: a PEFT adapter directory (LoRA / DoRA), or None.
 
     Returns:
@@ -233,10 +236,17 @@ def load_reference(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from talan_serve.base_models import resolve_base_model
     from talan_serve.checkpoint import load_checkpoint
-    from talan_serve.models import resolve_base_model
+    from talan_serve.registry import UnknownModelError, resolve_model
 
-    model_dir = resolve_base_model(model)
+    try:
+        resolved = resolve_model(model)
+        model_dir, named_checkpoint = resolved.base_model, resolved.checkpoint
+    except UnknownModelError:
+        model_dir, named_checkpoint = resolve_base_model(model), None
+    if talan is None:
+        talan = named_checkpoint
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 

@@ -1,8 +1,9 @@
-"""Model names: the one table that the server, training and docker read.
+"""Model names: what ``talan-serve --model``, ``load_reference`` and docker accept.
 
 A name stands for a base model, a TALAN preset and a checkpoint directory found under
 a checkpoint root (``--checkpoint-root``, ``$TALAN_SERVE_CHECKPOINT_ROOT``, or the
-repository's ``checkpoints/``; a mounted volume in docker).
+repository's ``checkpoints/``; a mounted volume in docker). The paper's names come from
+``talan_serve.presets``; the demo pair on the offline default model is added here.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from talan_serve.checkpoint import is_checkpoint, load_checkpoint
-from talan_serve.models import DEFAULT_BASE_MODEL, resolve_base_model
+from talan_serve.base_models import DEFAULT_BASE_MODEL, resolve_base_model
+from talan_serve.checkpoint import is_checkpoint, read_manifest
+from talan_serve.presets import PAPER_CONFIGS
 
 REPO_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_MODEL = "smollm2-talan-demo"
@@ -48,15 +50,9 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
         ModelAlias("smollm2-lora-demo", DEFAULT_BASE_MODEL, None,
                    "training/recipes/smollm2-lora-demo.yaml",
                    "SmolLM2-135M-Instruct + the demo's matched LoRA-only twin"),
-        ModelAlias("q32b-talan", "Qwen/Qwen3-32B", "q32b",
-                   "training/recipes/q32b-talan.yaml", "Qwen3-32B + TALAN (paper, Table 1)"),
-        ModelAlias("ds32b-talan", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "ds32b",
-                   "training/recipes/ds32b-talan.yaml",
-                   "DeepSeek-R1-Distill-Qwen-32B + TALAN (paper, Table 1)"),
-        ModelAlias("q8b-talan", "Qwen/Qwen3-8B", "q8b",
-                   "training/recipes/q8b-talan.yaml", "Qwen3-8B + TALAN (paper, Table 1)"),
-        ModelAlias("moe-talan", "Qwen/Qwen3-30B-A3B", "moe",
-                   "training/recipes/moe-talan.yaml", "Qwen3-30B-A3B + TALAN (paper, Table 1)"),
+        *(ModelAlias(row.model_name, row.base_model, row.key, row.recipe,
+                     f"{row.base_model.split('/')[-1]} + TALAN (paper, Table 1)")
+          for row in PAPER_CONFIGS.values()),
     )
 }
 
@@ -91,7 +87,7 @@ def resolve_model(name_or_path: str | Path, root: str | Path | None = None) -> R
         return ResolvedModel(text, resolve_base_model(alias.base_model), directory)
     path = Path(text)
     if is_checkpoint(path):
-        base = load_checkpoint(path).base_model
+        base = read_manifest(path)["base_model"]
         return ResolvedModel(text, resolve_base_model(base), path)
     if path.is_dir() and (path / "config.json").is_file():
         return ResolvedModel(text, path, None)

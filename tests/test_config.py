@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from talan_serve.config import PRESETS, TalanConfig, TalanConfigError, preset
+from talan_serve.config import TalanConfig, TalanConfigError
+from talan_serve.presets import PRESETS, preset
 
 # The paper's Appendix C records, verbatim.
 APPENDIX_C = {

@@ -190,3 +190,21 @@ def test_p1_perturbation_ratio_is_reported_and_scales_with_alpha(host, with_tala
     with record_perturbation(host) as tripled:
         host(ids)
     assert abs(tripled[0] / ratios[0] - 3.0) < 1e-4
+
+
+def test_load_reference_takes_every_name_the_server_takes():
+    """``smollm2-talan-demo`` is the default model's base + the demo checkpoint."""
+    from talan_serve.base_models import default_model_dir
+    from talan_serve.reference import load_reference
+    from talan_serve.registry import REPO_CHECKPOINTS
+
+    by_name, tokenizer = load_reference("smollm2-talan-demo")
+    by_paths, _ = load_reference(default_model_dir(),
+                                 talan=REPO_CHECKPOINTS / "smollm2-talan-demo")
+    by_checkpoint_dir, _ = load_reference(REPO_CHECKPOINTS / "smollm2-talan-demo")
+    ids = tokenizer("What is 12*7?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = by_paths(ids).logits
+        for model in (by_name, by_checkpoint_dir):
+            assert find_talan(model) is not None and hasattr(model, "peft_config")
+            assert torch.equal(model(ids).logits, expected)

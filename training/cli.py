@@ -12,8 +12,24 @@ import logging
 import sys
 
 
+COMMANDS_HELP = """commands:
+  talan-train RECIPE.yaml [options]     train one run of a recipe (this page)
+  talan-train audit RUN_A RUN_B         list every training-side difference between two
+                                        runs; exit 1 if anything but TALAN differs
+  talan-train make-data TRAIN.jsonl     write the demo's arithmetic train + held-out data
+  (each command has its own --help)
+
+the matched pair, e.g. the demo on the offline default model:
+  talan-train training/recipes/smollm2-lora-demo.yaml
+  talan-train training/recipes/smollm2-talan-demo.yaml
+  talan-train audit checkpoints/smollm2-lora-demo checkpoints/smollm2-talan-demo
+"""
+
+
 def _train(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="talan-train", description="Train LoRA(+TALAN).")
+    parser = argparse.ArgumentParser(
+        prog="talan-train", description="Train LoRA(+TALAN) from a recipe, or audit two runs.",
+        epilog=COMMANDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="recipe YAML (see training/recipes/)")
     parser.add_argument("--output-dir", "--output", dest="output_dir",
                         help="override the recipe's output_dir")

@@ -42,7 +42,7 @@ def ask_all(server: Any, name: str, problems: list[dict[str, Any]], max_tokens: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from server.testing import SERVED_NAME, start_server
+    from server.local import start_local_server
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-lora-demo", "smollm2-talan-demo"])
@@ -58,14 +58,15 @@ def main(argv: list[str] | None = None) -> int:
             manifest = read_manifest(run_dir)
             train_file = REPO / manifest["training"]["data"]["path"]
             problems = load_problems(heldout_path(train_file), args.n)
-            server = start_server(run_dir, Path(tmp))
+            server = start_local_server(run_dir, Path(tmp), "--served-model-name", name,
+                                        "--dtype", "float32", "--log-level", "warning")
             try:
                 variants = {name: None}
                 if (run_dir / "talan_config.json").is_file():
                     variants[f"{name} (talan off)"] = False
                 for label, enabled in variants.items():
                     started = time.perf_counter()
-                    outputs = ask_all(server, SERVED_NAME, problems, args.max_new_tokens, enabled)
+                    outputs = ask_all(server, name, problems, args.max_new_tokens, enabled)
                     results[label] = score(problems, outputs)
                     results[label]["seconds"] = round(time.perf_counter() - started, 1)
                     print(f"{label}: {results[label]['correct']}/{results[label]['n']}")

@@ -70,7 +70,7 @@ def build(recipe: Recipe, device: torch.device | None = None) -> TrainModel:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from talan_serve.models import resolve_base_model
+    from talan_serve.base_models import resolve_base_model
 
     device = device or pick_device()
     dtype = resolve_precision(recipe.schedule.precision, device)

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from talan_serve.config import PRESETS, TalanConfig, TalanConfigError, preset
+from talan_serve.config import TalanConfig, TalanConfigError
+from talan_serve.presets import PAPER_CONFIGS, preset
 
 ADAPTER_TYPES = ("lora", "dora", "rslora")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -218,10 +219,16 @@ class Recipe:
                 raise RecipeError("talan: expected a mapping (or null for the LoRA-only run)")
             talan = dict(talan)
             name = talan.pop("preset", None)
-            if name is not None and name not in PRESETS:
-                raise RecipeError(f"talan.preset: unknown {name!r}; known: {', '.join(PRESETS)}")
+            if name is not None and name not in PAPER_CONFIGS:
+                raise RecipeError(
+                    f"talan.preset: unknown {name!r}; known: {', '.join(PAPER_CONFIGS)}")
             record["talan"] = TalanSection(preset=name, init_seed=talan.pop("init_seed", None),
                                            fields=talan)
+            if name is not None and record.get("base_model") is None:
+                # A paper preset names its host (talan_serve.presets).
+                record["base_model"] = PAPER_CONFIGS[name].base_model
+        if record.get("base_model") is None:
+            raise RecipeError("recipe: missing base_model (or a talan.preset that names one)")
         return _build(cls, record, "recipe")
 
     @classmethod

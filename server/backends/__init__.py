@@ -1,4 +1,6 @@
-"""Engine adapters: each turns the ``server.engine.Engine`` protocol into one engine's API."""
+"""The front end's engine adapters: each maps the ``Backend`` protocol (``base.py``) onto one
+engine's API. The code that runs inside the engine is ``talan_serve.plugins.<engine>``.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +9,10 @@ from typing import Any
 BACKENDS = ("vllm",)
 
 
-def make_engine(name: str, **kwargs: Any):
+def make_backend(name: str, **kwargs: Any):
     """Build the backend called ``name`` (imported lazily: each pulls in a whole engine)."""
     if name == "vllm":
-        from server.backends.vllm import VllmEngine, VllmEngineConfig
+        from server.backends.vllm import VllmBackend, VllmBackendConfig
 
-        return VllmEngine(VllmEngineConfig(**kwargs))
+        return VllmBackend(VllmBackendConfig(**kwargs))
     raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(BACKENDS)}")

@@ -1,39 +1,43 @@
-"""vLLM (V1 ``AsyncLLM``) behind the ``Engine`` protocol.
+"""vLLM (V1 ``AsyncLLM``) behind the ``Backend`` protocol.
 
 The front end hands over token ids; vLLM schedules, batches, detokenizes (stop strings
-need text) and computes logprobs. Everything vLLM-version specific stays in this file.
+need text) and computes logprobs. This is the front end's one vLLM module, and it uses
+vLLM's public engine API only; the TALAN plugin inside vLLM is ``talan_serve.plugins.vllm``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.engine import (
+from server.backends.base import (
     EngineDeadError,
     EngineInputError,
     GenerateOutput,
     GenerateRequest,
     ModelInfo,
     PositionLogprobs,
+    SamplingOptions,
     SequenceDelta,
     TokenLogprob,
 )
+from talan_serve.plugins.vllm import lora_request, max_lora_rank
+from talan_serve.prepared import PreparedModel, prepare_cached
+from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class VllmEngineConfig:
+class VllmBackendConfig:
     model_dir: str
     served_name: str
     talan_checkpoint: str | None = None
+    merge_lora: bool = False
     max_model_len: int | None = None
     dtype: str = "auto"
     deterministic: bool = False
@@ -52,59 +56,39 @@ def _on_cuda() -> bool:
     return current_platform.is_cuda_alike()
 
 
-@dataclass
-class PreparedDir:
-    path: str
-    lora_request: Any  # vllm LoRARequest for an unmerged adapter, else None
-    lora_rank: int | None
-    cleanup: str | None  # a temporary folder to delete at shutdown
-
-
-def prepare_model(config: VllmEngineConfig) -> PreparedDir:
-    """The directory vLLM loads: the base model, or a TALAN view of it plus its adapter.
-
-    The TALAN vLLM plugin (talan_serve.engines.vllm) owns how a checkpoint becomes
-    loadable; this adapter only asks it for the folder and the LoRA request.
-    """
+def prepare_model(config: VllmBackendConfig) -> PreparedModel | None:
+    """The folder vLLM loads for a checkpoint (``talan_serve.prepared``, kept in the cache
+    for the next start); None for a plain model folder."""
     if config.talan_checkpoint is None:
-        return PreparedDir(config.model_dir, None, None, None)
-    from talan_serve.engines.vllm import prepare_model_dir
-    from talan_serve.models import cache_root
+        return None
+    from talan_serve.base_models import cache_root
 
-    root = cache_root() / "prepared"
-    root.mkdir(parents=True, exist_ok=True)
-    # One folder per server process: two servers never rewrite each other's folder.
-    out = tempfile.mkdtemp(prefix="vllm-", dir=root)
-    prepared = prepare_model_dir(config.talan_checkpoint, out, base_model_dir=config.model_dir)
-    return PreparedDir(str(prepared.path), prepared.lora_request(), prepared.lora_rank, out)
+    return prepare_cached(config.talan_checkpoint, cache_root() / "prepared",
+                          base_model_dir=config.model_dir, merge_lora=config.merge_lora)
 
 
-# vLLM sizes LoRA buffers for one of these ranks (vllm/config/lora.py, MaxLoRARanks).
-LORA_RANK_SLOTS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+def adapter_mode(prepared: PreparedModel | None) -> str | None:
+    """How a checkpoint's LoRA is served: merged into the weights, per request, or none."""
+    if prepared is None or (prepared.lora_dir is None and not prepared.merged):
+        return None
+    return "merged" if prepared.merged else "per_request"
 
 
-def lora_rank_slot(rank: int) -> int:
-    for slot in LORA_RANK_SLOTS:
-        if slot >= rank:
-            return slot
-    raise ValueError(f"LoRA rank {rank} is above vLLM's largest ({LORA_RANK_SLOTS[-1]})")
-
-
-def engine_args(config: VllmEngineConfig, prepared: PreparedDir) -> Any:
+def engine_args(config: VllmBackendConfig, prepared: PreparedModel | None) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kwargs: dict[str, Any] = dict(
-        model=prepared.path,
+        model=str(prepared.path) if prepared is not None else config.model_dir,
         served_model_name=config.served_name,
         dtype=config.dtype,
         seed=config.seed,
         enforce_eager=config.enforce_eager,
         tensor_parallel_size=config.tensor_parallel_size,
     )
-    if prepared.lora_request is not None:
+    if prepared is not None and prepared.lora_dir is not None:
         kwargs["enable_lora"] = True
         kwargs["max_loras"] = 1
-        kwargs["max_lora_rank"] = lora_rank_slot(prepared.lora_rank or 8)
+        kwargs["max_lora_rank"] = max_lora_rank(prepared)
     if config.max_model_len is not None:
         kwargs["max_model_len"] = config.max_model_len
     if config.max_num_seqs is not None:
@@ -123,6 +107,28 @@ def engine_args(config: VllmEngineConfig, prepared: PreparedDir) -> Any:
     return AsyncEngineArgs(**kwargs)
 
 
+def sampling_params(options: SamplingOptions) -> Any:
+    """vLLM's ``SamplingParams`` for the engine-neutral options (TALAN switch included)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=options.n,
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k if options.top_k > 0 else 0,
+        seed=options.seed,
+        stop=list(options.stop) or None,
+        stop_token_ids=list(options.stop_token_ids) or None,
+        logprobs=options.logprobs,
+        prompt_logprobs=options.prompt_logprobs,
+        ignore_eos=options.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=switch_args(options.talan_enabled),
+    )
+
+
 def _logprobs(positions: Any) -> list[PositionLogprobs | None]:
     return [
         None
@@ -135,10 +141,10 @@ def _logprobs(positions: Any) -> list[PositionLogprobs | None]:
     ]
 
 
-class VllmEngine:
-    """``Engine`` over vLLM's AsyncLLM (engine core in its own process, as in vLLM's server)."""
+class VllmBackend:
+    """``Backend`` over vLLM's AsyncLLM (engine core in its own process, as in vLLM's server)."""
 
-    def __init__(self, config: VllmEngineConfig) -> None:
+    def __init__(self, config: VllmBackendConfig) -> None:
         if config.deterministic and _on_cuda():
             # vLLM's batch-invariant kernels (read at engine start).
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
@@ -147,6 +153,7 @@ class VllmEngine:
 
         self.config = config
         self._prepared = prepare_model(config)
+        self._lora_request = lora_request(self._prepared) if self._prepared else None
         self._llm = AsyncLLM.from_engine_args(engine_args(config, self._prepared))
         model_config = self._llm.model_config
         tokenizer = AutoTokenizer.from_pretrained(Path(config.model_dir))
@@ -155,29 +162,9 @@ class VllmEngine:
             max_model_len=model_config.max_model_len,
             tokenizer=tokenizer,
             vocab_size=model_config.get_vocab_size(),
-            talan=config.talan_checkpoint is not None,
-        )
-
-    def _sampling_params(self, request: GenerateRequest) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        options = request.sampling
-        extra_args = None if options.talan_enabled else {"talan": {"enabled": False}}
-        return SamplingParams(
-            n=options.n,
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            top_k=options.top_k if options.top_k > 0 else 0,
-            seed=options.seed,
-            stop=list(options.stop) or None,
-            stop_token_ids=list(options.stop_token_ids) or None,
-            logprobs=options.logprobs,
-            prompt_logprobs=options.prompt_logprobs,
-            ignore_eos=options.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-            extra_args=extra_args,
+            talan=self._prepared is not None and self._prepared.has_talan,
+            dtype=str(model_config.dtype).removeprefix("torch."),
+            adapter=adapter_mode(self._prepared),
         )
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
@@ -185,7 +172,7 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError
 
         try:
-            params = self._sampling_params(request)
+            params = sampling_params(request.sampling)
         except (VLLMValidationError, ValueError) as error:
             raise EngineInputError(str(error)) from error
         prompt = {"prompt_token_ids": request.prompt_token_ids}
@@ -193,7 +180,7 @@ class VllmEngine:
         history: dict[int, tuple[list[int], list[str]]] = {}
         try:
             stream = self._llm.generate(prompt, params, request.request_id,
-                                        lora_request=self._prepared.lora_request)
+                                        lora_request=self._lora_request)
             async for out in stream:
                 sequences = []
                 for seq in out.outputs:
@@ -243,5 +230,3 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
-        if self._prepared.cleanup is not None:
-            shutil.rmtree(self._prepared.cleanup, ignore_errors=True)

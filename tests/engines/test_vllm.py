@@ -2,7 +2,7 @@
 
 Every served token id must equal the reference's greedy choice and every served logprob
 must be within 1e-4 of the reference full-sequence forward of the same model + adapter
-+ TALAN (TALAN_SPEC.md section 4), under batching, chunked prefill, prefix caching and
++ TALAN (docs/design.md, "Properties"), under batching, chunked prefill, prefix caching and
 mixed TALAN-on/off, LoRA/no-LoRA batches.
 """
 
@@ -74,7 +74,8 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[i
 def generate(llm, requests: list[Request], prepared, prompt_logprobs: bool = False):
     from vllm import SamplingParams
 
-    from talan_serve.engines.vllm import talan_extra_args
+    from talan_serve.plugins.vllm import lora_request
+    from talan_serve.switch import switch_args
 
     prompts, params, loras = [], [], []
     for request in requests:
@@ -85,9 +86,9 @@ def generate(llm, requests: list[Request], prepared, prompt_logprobs: bool = Fal
         params.append(SamplingParams(
             temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True,
             prompt_logprobs=0 if prompt_logprobs else None,
-            extra_args=talan_extra_args(request.talan),
+            extra_args=switch_args(request.talan),
         ))
-        loras.append(prepared.lora_request() if request.lora else None)
+        loras.append(lora_request(prepared) if request.lora else None)
     return llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
 
 
@@ -120,7 +121,7 @@ def assert_parity(reference, requests: list[Request], outputs, check_prompt: boo
 
 
 def build(model_dir: Path, root: Path, merge_lora: bool = False, **checkpoint_options):
-    from talan_serve.engines.vllm import prepare_model_dir
+    from talan_serve.prepared import prepare_model_dir
     from talan_serve.reference import load_reference
     from talan_serve.testing import build_tiny_checkpoint
 
@@ -200,18 +201,18 @@ def test_fresh_request_joins_a_decode_step(qwen3, monkeypatch):
     row starts a state and one continues, so the per-row resume mask must be built."""
     from vllm import SamplingParams
 
-    from talan_serve.engines.vllm import layer
+    from talan_serve.plugins.vllm import lora_request, state_backend
 
     llm, prepared, reference = qwen3
     steps = []
-    build = layer.TalanStateMetadataBuilder._build
+    build = state_backend.TalanStateMetadataBuilder._build
 
     def spy(self, m, capture):
         metadata = build(self, m, capture)
         steps.append((m.max_query_len, metadata.resume is None))
         return metadata
 
-    monkeypatch.setattr(layer.TalanStateMetadataBuilder, "_build", spy)
+    monkeypatch.setattr(state_backend.TalanStateMetadataBuilder, "_build", spy)
     requests = [Request(p) for p in random_prompts([6, 1], 500, seed=6)]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
     engine = llm.llm_engine
@@ -221,11 +222,11 @@ def test_fresh_request_joins_a_decode_step(qwen3, monkeypatch):
         finished.update({o.request_id: o for o in engine.step() if o.finished})
 
     engine.add_request("decoding", {"prompt_token_ids": requests[0].prompt}, params,
-                       lora_request=prepared.lora_request())
+                       lora_request=lora_request(prepared))
     step()  # prefill
     step()  # first decode step: every row continues a state, no mask
     engine.add_request("fresh", {"prompt_token_ids": requests[1].prompt}, params,
-                       lora_request=prepared.lora_request())
+                       lora_request=lora_request(prepared))
     while engine.has_unfinished_requests():
         step()
     assert steps[1:3] == [(1, True), (1, False)]
@@ -266,7 +267,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_mixer_and_writeback(variant, tiny_model, tmp_path):
-    from talan_serve.engines.vllm.probe import stepwise_state_masses
+    from talan_serve.plugins.vllm.probe import stepwise_state_masses
 
     options = dict(VARIANTS[variant])
     prepared, reference = build(tiny_model("qwen3"), tmp_path, **options)
@@ -324,7 +325,7 @@ def test_preemption(tiny_model, tmp_path, monkeypatch):
 def test_compiled_engine(tiny_model, tmp_path):
     """vLLM's default CPU mode: the model compiled by dynamo + inductor, one graph that
     calls the side-path op (GPUs split graphs there instead; bench/gpu_check.py)."""
-    from talan_serve.engines.vllm.layer import TalanStateMetadataBuilder
+    from talan_serve.plugins.vllm.state_backend import TalanStateMetadataBuilder
 
     prepared, reference = build(tiny_model("qwen3"), tmp_path, merge_lora=True)
     prompts = random_prompts([2, 30, 100, 7], 500, seed=8)
@@ -342,7 +343,7 @@ def test_compiled_engine(tiny_model, tmp_path):
 
 
 def test_smollm2(tmp_path):
-    from talan_serve.models import default_model_dir
+    from talan_serve.base_models import default_model_dir
 
     prepared, reference = build(default_model_dir(), tmp_path)
     prompts = random_prompts([2, 20, 64], 49000, seed=7)

@@ -15,51 +15,99 @@ def test_vllm_surface():
     """Fails loudly when a vLLM upgrade moves a name the plugin uses (see _compat.py)."""
     from vllm.config import CompilationConfig
 
-    from talan_serve.engines.vllm import _compat
+    from talan_serve.plugins.vllm import _compat
+    from talan_serve.prepared import TALAN_HOSTS
 
-    assert _compat.vllm_version() in _compat.TARGET_VLLM_VERSIONS
+    assert _compat.VLLM_VERSION in _compat.TARGET_VLLM_VERSIONS
     assert isinstance(CompilationConfig._attention_ops, list)
     assert "vllm::short_conv" in CompilationConfig._attention_ops
-    assert isinstance(_compat.models_config_map(), dict)
-    assert [c.__name__ for c in _compat.hybrid_interfaces()] == [
-        "HasInnerState", "IsHybrid", "SupportsMambaPrefixCaching"]
-    assert callable(_compat.temporal_state_copy_func())
-    assert _compat.logits_processor_base().__name__ == "LogitsProcessor"
-    assert {m.name for m in _compat.move_directionality()} >= {"SWAP", "UNIDIRECTIONAL"}
-    for host, module in _compat.HOST_ARCHITECTURES.items():
+    assert {m.name for m in _compat.MoveDirectionality} >= {"SWAP", "UNIDIRECTIONAL"}
+    assert set(_compat.HOST_MODULES) == set(TALAN_HOSTS)
+    for host, module in _compat.HOST_MODULES.items():
         assert hasattr(__import__(module, fromlist=[host]), host)
+    # One rank table, vLLM's own; rank 1 included (it was missing from a copy once).
+    assert _compat.LORA_RANK_SLOTS[:3] == (1, 8, 16)
+    assert [_compat.lora_rank_slot(r) for r in (1, 2, 8, 9, 512)] == [1, 8, 8, 16, 512]
+    with pytest.raises(ValueError, match="above vLLM's largest"):
+        _compat.lora_rank_slot(513)
 
 
-def test_entry_point_registers_every_host():
+def test_entry_points_register_every_host_and_the_patches():
     from importlib.metadata import entry_points
 
     from vllm import ModelRegistry
 
-    from talan_serve.engines.vllm import _compat
+    from talan_serve.plugins.vllm import _compat
+    from talan_serve.prepared import talan_architecture
 
-    (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "talan"]
-    plugin.load()()
+    plugins = {e.name: e for e in entry_points(group="vllm.general_plugins")}
+    plugins["talan"].load()()
     archs = set(ModelRegistry.get_supported_archs())
-    assert {_compat.talan_architecture(h) for h in _compat.HOST_ARCHITECTURES} <= archs
+    assert {talan_architecture(h) for h in _compat.HOST_MODULES} <= archs
+    assert plugins["talan_patches"].load()() == [
+        "vllm_talan_prefix_cache_key", "vllm_cpu_lora_mixed_batch"]
 
 
-def test_switch_validates_extra_args():
+# The switch as a client may send it (the HTTP body's "talan" field, or extra_args["talan"]
+# of an offline vLLM user): MISSING, on, off, or refused.
+MISSING = object()
+SWITCH_TABLE = [
+    (MISSING, True), (None, True), ({}, True), ({"enabled": True}, True),
+    ({"enabled": False}, False),
+    ({"enabled": "no"}, "refused"), ({"enabled": 0}, "refused"), ({"enabled": None}, "refused"),
+    ({"on": True}, "refused"), ({"enabled": False, "why": "x"}, "refused"),
+    ("off", "refused"), (False, "refused"), ([], "refused"), ([{"enabled": False}], "refused"),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), SWITCH_TABLE)
+def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
+    """Server (HTTP field -> SamplingOptions -> SamplingParams), plugin (TalanSwitch at
+    admission and per batch row) and the prefix-cache key agree on every value."""
+    from types import SimpleNamespace
+
     from vllm import SamplingParams
 
-    from talan_serve.engines.vllm import talan_extra_args
-    from talan_serve.engines.vllm.switch import TalanSwitch, request_enabled
+    from patches.vllm_talan_prefix_cache_key import OFF_KEY, talan_cache_keys
+    from server.backends.vllm import sampling_params
+    from server.errors import APIError
+    from server.http import parse
+    from server.sampling import sampling_options
+    from server.schemas import CompletionRequest
+    from talan_serve.plugins.vllm.switch import TalanSwitch, request_enabled
+    from talan_serve.switch import SwitchError
 
-    assert request_enabled(SamplingParams()) is True
-    assert request_enabled(SamplingParams(extra_args=talan_extra_args(False))) is False
-    assert request_enabled(SamplingParams(extra_args={"talan": {"enabled": True}})) is True
-    with pytest.raises(ValueError, match="must be a boolean"):
-        TalanSwitch.validate_params(SamplingParams(extra_args={"talan": {"enabled": "no"}}))
-    with pytest.raises(ValueError, match="extra_args"):
-        TalanSwitch.validate_params(SamplingParams(extra_args={"talan": {"on": True}}))
+    def answer(call):
+        try:
+            return call()
+        except (APIError, SwitchError) as error:
+            assert not isinstance(error, APIError) or error.status == 400
+            return "refused"
+
+    body = {"prompt": "a"} if value is MISSING else {"prompt": "a", "talan": value}
+    server = answer(lambda: sampling_options(parse(CompletionRequest, body), 4, None))
+    direct = SamplingParams(extra_args=None if value is MISSING else {"talan": value})
+
+    def plugin():
+        TalanSwitch.validate_params(direct)  # admission
+        return request_enabled(direct)  # per batch row
+
+    def cache_key():
+        return talan_cache_keys(SimpleNamespace(sampling_params=direct)) != [OFF_KEY]
+
+    assert answer(plugin) == answer(cache_key) == expected
+    if expected == "refused":
+        assert server == "refused"
+        return
+    assert server.talan_enabled is expected
+    # What the server hands vLLM reads back the same on the engine side.
+    built = sampling_params(server)
+    assert request_enabled(built) is expected
+    assert (talan_cache_keys(SimpleNamespace(sampling_params=built)) == [OFF_KEY]) is not expected
 
 
 def test_prepare_model_dir(tiny_model, tmp_path):
-    from talan_serve.engines.vllm import prepare_model_dir
+    from talan_serve.prepared import PreparedModel, prepare_model_dir
     from talan_serve.testing import build_tiny_checkpoint
 
     model = tiny_model("qwen3")
@@ -74,11 +122,39 @@ def test_prepare_model_dir(tiny_model, tmp_path):
     assert (prepared.lora_dir / "adapter_model.safetensors").is_file()
     # Nothing TALAN- or adapter-specific where vLLM's loader globs weights.
     assert sorted(p.name for p in prepared.path.glob("*.safetensors")) == ["model.safetensors"]
+    assert PreparedModel.read(prepared.path) == prepared
 
     dora = build_tiny_checkpoint(model, tmp_path / "dora", use_dora=True)
     merged = prepare_model_dir(dora, tmp_path / "merged", base_model_dir=model)
     assert merged.merged and merged.lora_dir is None
     assert not (merged.path / "model.safetensors").is_symlink()
+
+
+def test_prepared_folders_are_cached_per_checkpoint_base_and_merge(tiny_model, tmp_path):
+    from talan_serve.checkpoint import CheckpointError
+    from talan_serve.prepared import PreparedModel, prepare_cached
+    from talan_serve.testing import build_tiny_checkpoint
+
+    model = tiny_model("qwen3")
+    checkpoint = build_tiny_checkpoint(model, tmp_path / "ck")
+    cache = tmp_path / "cache"
+    first = prepare_cached(checkpoint, cache, base_model_dir=model)
+    written = (first.path / "config.json").stat().st_mtime_ns
+    again = prepare_cached(checkpoint, cache, base_model_dir=model)
+    assert again == first and (again.path / "config.json").stat().st_mtime_ns == written
+    assert again.lora_dir == first.path / "talan" / "lora" and again.lora_rank == 4
+    merged = prepare_cached(checkpoint, cache, base_model_dir=model, merge_lora=True)
+    assert merged.path != first.path and merged.merged and merged.lora_dir is None
+    assert PreparedModel.read(merged.path) == merged
+    other = prepare_cached(build_tiny_checkpoint(model, tmp_path / "ck2", seed=1), cache,
+                           base_model_dir=model)
+    assert other.path not in (first.path, merged.path)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        p.name for p in (first.path, merged.path, other.path))  # no partial folders left
+    # The checkpoint is still validated on every start, cached folder or not.
+    (checkpoint / "talan_model.safetensors").write_bytes(b"broken")
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        prepare_cached(checkpoint, cache, base_model_dir=model)
 
 
 def test_patches_apply_to_this_vllm():

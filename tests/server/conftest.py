@@ -1,4 +1,4 @@
-"""Fixtures for the server tests; the launcher itself is ``server.testing``."""
+"""Fixtures for the server tests; the launcher is ``server.local`` (``support.py``)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.testing import (
+from tests.server.support import (
     API_KEY,
     SERVED_NAME,
     evaluate,

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from server.testing import API_KEY, SERVED_NAME, start_server
+from tests.server.support import API_KEY, SERVED_NAME, start_server
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from server.testing import API_KEY, SERVED_NAME, evaluate, samples, start_server, write_tasks
+from tests.server.support import API_KEY, SERVED_NAME, evaluate, samples, start_server, write_tasks
 
 pytestmark = pytest.mark.slow
 TOL = 1e-4

@@ -69,6 +69,14 @@ def test_audit_flags_any_other_difference(pair, capsys):
     assert "NOT MATCHED: 1 training-side difference(s)" in out
 
 
+def test_help_names_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "talan-train audit RUN_A RUN_B" in out and "talan-train make-data" in out
+
+
 def test_bad_recipe_exits_2(tmp_path: Path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nbase_model: m\noutput_dir: o\ndata: {train_file: t}\nlr: 1\n")

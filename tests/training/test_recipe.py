@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from talan_serve.config import PRESETS
+from talan_serve.presets import PRESETS
 from training.audit import compare
 from training.recipe import Recipe, RecipeError
 

@@ -21,33 +21,27 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
+from talan_serve.block import STATE_DTYPE
 from talan_serve.config import TalanConfig
-from talan_serve.engines.vllm import _compat
+from talan_serve.plugins import refusal
+from talan_serve.plugins.vllm import _compat
+from talan_serve.plugins.vllm._compat import (
+    HasInnerState,
+    IsHybrid,
+    SupportsMambaPrefixCaching,
+    VerifyAndUpdateConfig,
+    get_temporal_copy_spec,
+)
+from talan_serve.prepared import talan_architecture, talan_config_of, talan_weights_path
 
-# Where a prepared model directory keeps the TALAN side (not globbed by vLLM's loader).
-TALAN_SUBDIR = "talan"
-TALAN_WEIGHTS = "talan_model.safetensors"
-CONFIG_KEY = "talan"
-LAYER_NAME = "talan"
-LAYER_TYPE = "talan"
-
-
-def talan_config_from_hf(hf_config: Any) -> TalanConfig:
-    record = getattr(hf_config, CONFIG_KEY, None)
-    if record is None:
-        raise ValueError(
-            "talan-serve: this model's config.json has no 'talan' section; build the "
-            "model folder with talan_serve.engines.vllm.prepare_model_dir"
-        )
-    if isinstance(record, TalanConfig):
-        return record
-    return TalanConfig.from_dict(dict(record))
+LAYER_NAME = "talan"  # the state layer's submodule (not a weight prefix of the checkpoint)
+LAYER_TYPE = "talan"  # TALAN's entry in the host config's layer_types
+SWITCH_PROCESSOR = "talan_serve.plugins.vllm.switch:TalanSwitch"
 
 
 # --- the connection point ------------------------------------------------------------------
@@ -57,7 +51,7 @@ _PATCHED_LAYER_CLASSES: dict[tuple[type, str], type] = {}
 
 def _with_side_path(layer_cls: type, where: str) -> type:
     """``layer_cls`` with the TALAN side path before (``embedding``) or after its forward."""
-    from talan_serve.engines.vllm.layer import side_path_delta
+    from talan_serve.plugins.vllm.layer import side_path_delta
 
     key = (layer_cls, where)
     if key in _PATCHED_LAYER_CLASSES:
@@ -114,8 +108,6 @@ def install_side_path(
 
 # --- the model mixin -----------------------------------------------------------------------
 
-HasInnerState, IsHybrid, SupportsMambaPrefixCaching = _compat.hybrid_interfaces()
-
 
 class TalanModelMixin:
     """Mixed in front of a vLLM causal-LM class; see the module docstring.
@@ -130,13 +122,13 @@ class TalanModelMixin:
 
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        from talan_serve.engines.vllm.layer import TalanStateLayer, TalanStatePlaceholder
+        from talan_serve.plugins.vllm.layer import TalanStateLayer, TalanStatePlaceholder
 
         hf_config = vllm_config.model_config.hf_config
-        config = talan_config_from_hf(hf_config)
-        config.check_host(hf_config.hidden_size, hf_config.num_hidden_layers)
+        # The config hook (TalanHybridConfig) has checked it against the host already.
+        config = talan_config_of(hf_config)
         self.talan_config = config
-        self.talan_model_dir = Path(vllm_config.model_config.model)
+        self.talan_weights = talan_weights_path(vllm_config.model_config.model)
         # vLLM orders state/KV caches by the one integer in a layer name; TALAN's state
         # takes the index after the last decoder layer (as vLLM's MTP layers do).
         name = f"{LAYER_NAME}.{hf_config.num_hidden_layers}"
@@ -160,8 +152,7 @@ class TalanModelMixin:
         host_weights = ((n, w) for n, w in weights if not n.startswith(f"{LAYER_NAME}."))
         loaded = set(super().load_weights(host_weights))
         if hasattr(self, "talan"):
-            path = self.talan_model_dir / TALAN_SUBDIR / TALAN_WEIGHTS
-            state_dict = load_file(str(path))
+            state_dict = load_file(str(self.talan_weights))
             self.talan.block.load_state_dict(state_dict, strict=True)
             self.talan.block.float()
             loaded |= {f"{LAYER_NAME}.block.{name}" for name in state_dict}
@@ -171,31 +162,31 @@ class TalanModelMixin:
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: Any) -> tuple[tuple[int, int]]:
-        config = talan_config_from_hf(vllm_config.model_config.hf_config)
-        return ((config.n_themes, config.hidden_size + 1),)
+        return (talan_config_of(vllm_config.model_config.hf_config).state_shape,)
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: Any) -> tuple[torch.dtype]:
-        return (torch.float32,)
+        return (STATE_DTYPE,)
 
     @classmethod
     def get_mamba_state_copy_func(cls) -> tuple:
-        return (_compat.temporal_state_copy_func(),)
+        # Align-mode prefix caching copies a whole per-request state block (no conv window).
+        return (get_temporal_copy_spec,)
 
 
 def talan_model_class(host_cls: type) -> type:
     bases = (TalanModelMixin, host_cls, HasInnerState, IsHybrid, SupportsMambaPrefixCaching)
-    return type(_compat.talan_architecture(host_cls.__name__), bases, {"__module__": __name__})
+    return type(talan_architecture(host_cls.__name__), bases, {"__module__": __name__})
 
 
 def _host_class(architecture: str) -> type:
-    return getattr(importlib.import_module(_compat.HOST_ARCHITECTURES[architecture]), architecture)
+    return getattr(importlib.import_module(_compat.HOST_MODULES[architecture]), architecture)
 
 
 def __getattr__(name: str) -> type:
     # TalanQwen3ForCausalLM etc. are built on first access (vLLM imports them lazily).
-    for host in _compat.HOST_ARCHITECTURES:
-        if name == _compat.talan_architecture(host):
+    for host in _compat.HOST_MODULES:
+        if name == talan_architecture(host):
             cls = talan_model_class(_host_class(host))
             globals()[name] = cls
             return cls
@@ -205,14 +196,14 @@ def __getattr__(name: str) -> type:
 # --- config hook ---------------------------------------------------------------------------
 
 
-class TalanHybridConfig(_compat.verify_and_update_base()):
+class TalanHybridConfig(VerifyAndUpdateConfig):
     """Runs inside vLLM's config construction for TALAN architectures."""
 
     @staticmethod
     def verify_and_update_model_config(model_config: Any) -> None:
         hf_config = model_config.hf_config
-        config = talan_config_from_hf(hf_config)
-        config.check_host(hf_config.hidden_size, hf_config.num_hidden_layers)
+        talan_config_of(hf_config).check_host(hf_config.hidden_size,
+                                              hf_config.num_hidden_layers)
         # vLLM calls a model hybrid when its layer_types are not all attention. Like
         # vLLM's MTP support, append an entry past the decoder layers for TALAN's state.
         layer_types = list(getattr(hf_config, "layer_types", None) or
@@ -220,15 +211,14 @@ class TalanHybridConfig(_compat.verify_and_update_base()):
         if LAYER_TYPE not in layer_types:
             hf_config.layer_types = [*layer_types, LAYER_TYPE]
         if getattr(hf_config, "use_sliding_window", False):
-            raise ValueError("talan-serve: hosts with sliding-window layers are not supported")
+            raise refusal("sliding-window attention")
         if hasattr(hf_config, "max_window_layers"):
             # Qwen2-family models assert this once layer_types hold several kinds.
             hf_config.max_window_layers = hf_config.num_hidden_layers
         # The off switch reaches the forward through this V1 logits processor.
         processors = list(model_config.logits_processors or [])
-        fqcn = "talan_serve.engines.vllm.switch:TalanSwitch"
-        if fqcn not in processors:
-            model_config.logits_processors = [*processors, fqcn]
+        if SWITCH_PROCESSOR not in processors:
+            model_config.logits_processors = [*processors, SWITCH_PROCESSOR]
         if os.environ.get(_compat.V2_RUNNER_ENV, "0") not in ("0", "false", "False"):
             raise ValueError(
                 "talan-serve: TALAN models run on vLLM's V1 model runner (the per-request "
@@ -239,8 +229,5 @@ class TalanHybridConfig(_compat.verify_and_update_base()):
     @classmethod
     def verify_and_update_config(cls, vllm_config: Any) -> None:
         if vllm_config.speculative_config is not None:
-            raise ValueError(
-                "talan-serve: speculative decoding is not supported for TALAN models: draft "
-                "tokens would advance the running summary before they are accepted"
-            )
+            raise refusal("speculative decoding")
         _compat.add_splitting_op(vllm_config.compilation_config)

@@ -1,8 +1,8 @@
 """The TALAN state layer: vLLM's per-request state cache around the one TalanBlock.
 
 The layer is a ``MambaBase`` so that vLLM allocates, carries, releases and (in "align"
-prefix-caching mode) checkpoints one ``(T, d + 1)`` fp32 state per request, exactly as
-for its own recurrent layers. Per step the layer only
+prefix-caching mode) checkpoints one state per request (``TalanConfig.state_shape``),
+exactly as for its own recurrent layers. Per step the layer only
 
 * gathers the states of the batch's requests by their state-slot indices (zeroing those
   of requests that start one, unless the builder saw on the host that none does),
@@ -11,116 +11,29 @@ for its own recurrent layers. Per step the layer only
 * calls ``TalanBlock.perturbation`` (all of the math lives there),
 * scatters the final states back,
 
-with tensor ops only. Unlike vLLM's mamba kernels, the block takes requests in any
-order, so the batch is never reordered and the metadata is a few tensors (both of which
-measurably cost per step; bench/results/vllm_step_parts_cpu.md). A one-token-per-request
-step uses persistent metadata buffers and static shapes, so full CUDA graphs capture
-it; other steps run it between piecewise graphs (its op is a splitting op, like vLLM's
-attention and mamba ops). An eager CPU forward calls the layer without the op.
+with tensor ops only; the per-step metadata comes from ``state_backend.py``. A
+one-token-per-request step uses persistent metadata buffers and static shapes, so full
+CUDA graphs capture it; other steps run it between piecewise graphs (its op is a
+splitting op, like vLLM's attention and mamba ops). An eager CPU forward calls the layer
+without the op.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vllm.model_executor.layers.mamba.abstract import MambaBase
-from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder
-from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
-from vllm.v1.attention.backends.short_conv_attn import ShortConvAttentionBackend
-from vllm.v1.attention.backends.utils import mamba_get_block_table_tensor
 
-from talan_serve.block import TalanBlock, sequence_index
+from talan_serve.block import STATE_DTYPE, TalanBlock, sequence_index
 from talan_serve.config import TalanConfig
-from talan_serve.engines.vllm import _compat, switch
-
-
-@dataclass
-class TalanStateMetadata:
-    """One step's view of the batch, rows in vLLM's input-batch order."""
-
-    num_reqs: int
-    num_tokens: int
-    # (num_reqs,) int64 state-cache slot of each request.
-    slots: torch.Tensor
-    # (num_reqs,) bool: the request continues a state (False: a first chunk, or padding);
-    # None when every request of an eager one-token step does (nothing to mask).
-    resume: torch.Tensor | None
-    # (num_reqs + 1,) int64 token offsets; None when each request brings exactly one token.
-    cu_seqlens: torch.Tensor | None
-
-
-class TalanStateMetadataBuilder(AttentionMetadataBuilder[TalanStateMetadata]):
-    """State slots and resume flags from vLLM's common metadata; no batch reordering."""
-
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
-    reorder_batch_threshold: int | None = None
-
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        if vllm_config.speculative_config is not None:
-            raise ValueError("talan-serve: TALAN does not support speculative decoding yet")
-        self.mamba_cache_mode = vllm_config.cache_config.mamba_cache_mode
-        compilation = vllm_config.compilation_config
-        self.full_graphs = compilation.cudagraph_mode.has_full_cudagraphs()
-        max_bs = vllm_config.scheduler_config.max_num_seqs
-        if compilation.max_cudagraph_capture_size is not None:
-            max_bs = min(max_bs, compilation.max_cudagraph_capture_size)
-        # Full CUDA graphs replay fixed addresses: one-token steps read these buffers.
-        self.slots_buffer = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.resume_buffer = torch.zeros(max_bs, dtype=torch.bool, device=device)
-
-    def build(self, common_prefix_len, common_attn_metadata, fast_build=False, **kwargs):
-        return self._build(common_attn_metadata, capture=False)
-
-    def build_for_cudagraph_capture(self, common_attn_metadata):
-        return self._build(common_attn_metadata, capture=True)
-
-    def _build(self, m, capture: bool) -> TalanStateMetadata:
-        num_reqs = m.num_reqs
-        slots = mamba_get_block_table_tensor(
-            m.block_table_tensor, m.seq_lens, self.kv_cache_spec, self.mamba_cache_mode
-        )[:num_reqs, 0].long()
-        if m.max_query_len == 1:
-            # One token per request (graph padding rows: seq_len 0, the null slot).
-            cu_seqlens = None
-            # The usual decode step: every request continues its state, seen on the host,
-            # so the side path skips its per-row mask. Graphs are captured with the mask and
-            # read the buffers below on replay, so those are filled either way.
-            skip_mask = not capture and _all_continue(m.seq_lens_cpu_upper_bound, num_reqs)
-            resume = None if skip_mask and not self.full_graphs else m.seq_lens[:num_reqs] > 1
-            if self.full_graphs and num_reqs <= self.slots_buffer.shape[0]:
-                self.slots_buffer[:num_reqs].copy_(slots, non_blocking=True)
-                self.resume_buffer[:num_reqs].copy_(resume, non_blocking=True)
-                slots, resume = self.slots_buffer[:num_reqs], self.resume_buffer[:num_reqs]
-            if skip_mask:
-                resume = None
-        else:
-            resume = m.compute_num_computed_tokens()[:num_reqs] > 0
-            cu_seqlens = m.query_start_loc[: num_reqs + 1].long()
-        return TalanStateMetadata(
-            num_reqs=num_reqs, num_tokens=m.num_actual_tokens, slots=slots, resume=resume,
-            cu_seqlens=cu_seqlens,
-        )
-
-
-def _all_continue(seq_lens_cpu: torch.Tensor | None, num_reqs: int) -> bool:
-    """Host-side: does every request of a one-token step continue a state (no sync)?"""
-    # numpy: a third of the cost of the same reduction as torch ops, per step.
-    return seq_lens_cpu is not None and bool(seq_lens_cpu.numpy()[:num_reqs].min() > 1)
-
-
-class TalanStateBackend(ShortConvAttentionBackend):
-    @staticmethod
-    def get_name() -> str:
-        return "TALAN_STATE"
-
-    @staticmethod
-    def get_builder_cls() -> type[TalanStateMetadataBuilder]:
-        return TalanStateMetadataBuilder
+from talan_serve.plugins.vllm import _compat
+from talan_serve.plugins.vllm._compat import (
+    MambaAttentionBackendEnum,
+    MambaBase,
+    get_current_vllm_config,
+    get_forward_context,
+)
+from talan_serve.plugins.vllm.state_backend import TalanStateBackend
 
 
 class TalanStateLayer(MambaBase, nn.Module):
@@ -140,22 +53,15 @@ class TalanStateLayer(MambaBase, nn.Module):
         )
         # Whether any / every request in the batch runs TALAN-on (set by TalanSwitch).
         self.any_enabled = self.all_enabled = True
-        switch.register_layer(self)
-
-        vllm_config = _compat.current_vllm_config()
-        context = vllm_config.compilation_config.static_forward_context
-        if prefix in context:
-            raise ValueError(f"Duplicate layer name: {prefix}")
-        context[prefix] = self
-        self.kv_cache = (torch.tensor([]),)
+        _register_state_layer(self)
 
     # --- MambaBase ------------------------------------------------------------------------
 
     def get_state_shape(self) -> tuple[tuple[int, ...]]:
-        return ((self.config.n_themes, self.config.hidden_size + 1),)
+        return (self.config.state_shape,)
 
     def get_state_dtype(self) -> tuple[torch.dtype]:
-        return (torch.float32,)
+        return (STATE_DTYPE,)
 
     @property
     def mamba_type(self) -> MambaAttentionBackendEnum:
@@ -178,7 +84,7 @@ class TalanStateLayer(MambaBase, nn.Module):
 
     def side_path(self, stream: torch.Tensor) -> torch.Tensor:
         """``X~ - X`` in ``stream``'s shape and dtype (zero for disabled requests, padding)."""
-        metadata = _compat.forward_context().attn_metadata
+        metadata = get_forward_context().attn_metadata
         if isinstance(metadata, dict):
             metadata = metadata.get(self.prefix)
         if metadata is None:
@@ -229,7 +135,7 @@ def side_path_delta(layer_name: str, stream: torch.Tensor) -> torch.Tensor:
         delta = torch.empty_like(stream)
         getattr(torch.ops, _compat.OP_NAMESPACE).talan_side_path(stream, delta, layer_name)
         return delta
-    return _compat.forward_context().no_compile_layers[layer_name].side_path(stream)
+    return get_forward_context().no_compile_layers[layer_name].side_path(stream)
 
 
 def _capturing(tensor: torch.Tensor) -> bool:
@@ -253,11 +159,7 @@ class TalanStatePlaceholder(MambaBase):
         super().__init__()
         self.config = config
         self.prefix = prefix
-        context = _compat.current_vllm_config().compilation_config.static_forward_context
-        if prefix in context:
-            raise ValueError(f"Duplicate layer name: {prefix}")
-        context[prefix] = self
-        self.kv_cache = (torch.tensor([]),)
+        _register_state_layer(self)
 
     get_state_shape = TalanStateLayer.get_state_shape
     get_state_dtype = TalanStateLayer.get_state_dtype
@@ -266,8 +168,17 @@ class TalanStatePlaceholder(MambaBase):
     is_kv_cache_tp_replicated = TalanStateLayer.is_kv_cache_tp_replicated
 
 
+def _register_state_layer(layer: MambaBase) -> None:
+    """Enter ``layer`` in vLLM's forward context, where its state cache is bound."""
+    context = get_current_vllm_config().compilation_config.static_forward_context
+    if layer.prefix in context:
+        raise ValueError(f"Duplicate layer name: {layer.prefix}")
+    context[layer.prefix] = layer
+    layer.kv_cache = (torch.tensor([]),)
+
+
 def _talan_side_path(stream: torch.Tensor, delta: torch.Tensor, layer_name: str) -> None:
-    delta.copy_(_compat.forward_context().no_compile_layers[layer_name].side_path(stream))
+    delta.copy_(get_forward_context().no_compile_layers[layer_name].side_path(stream))
 
 
 _compat.register_custom_op(_talan_side_path, mutates_args=["delta"])

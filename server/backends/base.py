@@ -1,8 +1,9 @@
-"""The one interface between the HTTP front end and an inference engine.
+"""``Backend``: the one interface between the HTTP front end and an inference engine.
 
-The front end tokenizes, validates and formats; an engine only turns token ids plus
-sampling options into a stream of per-sequence deltas. Backends (``server/backends/``)
-are thin adapters from this protocol to vLLM, SGLang, ...
+The front end tokenizes, validates and formats; a backend only turns token ids plus
+sampling options into a stream of per-sequence deltas. Each backend (``server/backends/``)
+is a thin adapter from this protocol to one engine's API; the TALAN plugin that runs
+inside that engine is ``talan_serve/plugins/<engine>/`` (docs/design.md, "The seam").
 """
 
 from __future__ import annotations
@@ -83,9 +84,11 @@ class ModelInfo:
     tokenizer: Any  # a transformers tokenizer (chat template, encode/decode)
     vocab_size: int
     talan: bool  # whether a TALAN checkpoint is loaded (per-request switch is meaningful)
+    dtype: str  # the engine's compute dtype ("float32", "bfloat16", ...)
+    adapter: str | None = None  # the checkpoint's LoRA: "merged", "per_request", or None
 
 
-class Engine(Protocol):
+class Backend(Protocol):
     info: ModelInfo
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:

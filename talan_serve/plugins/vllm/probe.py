@@ -3,7 +3,7 @@
 Every token's soft assignment sums to 1 over the T slots, so a request's running mass
 ``sum_t D[t]`` equals the number of tokens its state has absorbed. Reading it after each
 engine step shows whether the side path acted on every token, including decode steps
-replayed from CUDA graphs (property 3 of TALAN_SPEC.md section 4).
+replayed from CUDA graphs (docs/design.md, "Properties": every token).
 
 Use with ``LLM.collective_rpc(running_state_masses)`` (module-level functions pickle by
 reference, so this also works with the multi-process engine).
@@ -19,7 +19,7 @@ def _runner(worker: Any) -> Any:
 
 
 def _talan_layer(runner: Any) -> Any:
-    from talan_serve.engines.vllm.layer import TalanStateLayer
+    from talan_serve.plugins.vllm.layer import TalanStateLayer
 
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     for module in model.modules():
@@ -29,7 +29,7 @@ def _talan_layer(runner: Any) -> Any:
 
 
 def _state_group(runner: Any) -> int:
-    from vllm.v1.kv_cache_interface import MambaSpec
+    from talan_serve.plugins.vllm._compat import MambaSpec
 
     for index, group in enumerate(runner.kv_cache_config.kv_cache_groups):
         if isinstance(group.kv_cache_spec, MambaSpec):
@@ -68,12 +68,12 @@ def stepwise_state_masses(
     """
     from vllm import SamplingParams
 
-    from talan_serve.engines.vllm.switch import talan_extra_args
+    from talan_serve.switch import switch_args
 
     engine = llm.llm_engine
     for index, (prompt, on) in enumerate(zip(prompts, talan, strict=True)):
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                extra_args=talan_extra_args(on))
+                                extra_args=switch_args(on))
         engine.add_request(f"probe-{index}", {"prompt_token_ids": prompt}, params,
                            lora_request=lora_request)
     history: dict[str, list[float]] = {}

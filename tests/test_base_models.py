@@ -5,7 +5,7 @@ import json
 import torch
 from transformers import AutoTokenizer
 
-from talan_serve.models import default_model_dir, resolve_base_model
+from talan_serve.base_models import default_model_dir, resolve_base_model
 
 
 def test_default_model_is_a_float32_smollm2_folder():

@@ -1,0 +1,98 @@
+"""A ``talan-serve`` process on a loopback port, for evaluation scripts and benchmarks.
+
+``start_local_server`` returns once ``/health`` answers 200; the process keeps its log in
+the given work folder and goes away with ``stop()`` (SIGTERM: a graceful drain).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def engine_env(cache: Path) -> dict[str, str]:
+    """This environment, offline, with the engine's caches under ``cache``."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        VLLM_CACHE_ROOT=str(cache / "vllm"),
+        TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+        TALAN_SERVE_CACHE=os.environ.get("TALAN_SERVE_CACHE", str(cache / "talan")),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+@dataclass
+class LocalServer:
+    process: subprocess.Popen
+    base_url: str
+    log: Path
+    api_key: str | None = None
+
+    def client(self, **kwargs) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=120, **kwargs)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = httpx.get(f"{self.base_url}/metrics", timeout=30).text
+        key = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(key + " "):
+                return float(line.split()[-1])
+        raise KeyError(key)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_local_server(
+    model: str | Path,
+    workdir: Path,
+    *args: str,
+    api_key: str | None = None,
+    timeout: float = 300.0,
+) -> LocalServer:
+    """``talan-serve --model MODEL ARGS...`` on a free loopback port, once it is healthy."""
+    port = free_port()
+    log = workdir / f"server-{port}.log"
+    command = [sys.executable, "-m", "server.cli", "--model", str(model), "--port", str(port),
+               *(["--api-key", api_key] if api_key else []), *args]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=engine_env(workdir), stdout=sink,
+                                   stderr=subprocess.STDOUT)
+    server = LocalServer(process, f"http://127.0.0.1:{port}", log, api_key)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")

@@ -1,1 +1,0 @@
-"""Serving-engine integrations (one package per engine)."""
