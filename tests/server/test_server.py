@@ -90,6 +90,8 @@ def test_health_models_and_auth(server):
         models = c.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [SERVED_NAME]
     assert models["data"][0]["max_model_len"] == MAX_LEN
+    assert models["data"][0]["dtype"] == "float32"
+    assert (models["data"][0]["talan"], models["data"][0]["adapter"]) == (False, None)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
         response = httpx.post(f"{server.base_url}/v1/completions", headers=headers,
                               json={"prompt": "hi", "max_tokens": 1})

@@ -1,9 +1,11 @@
 """A TALAN(+LoRA) checkpoint served by talan-serve equals the transformers reference.
 
-The server runs the TALAN vLLM plugin (``--talan CKPT``); the reference is
-``talan_serve.reference.load_reference`` (HF + PEFT + TALAN, full-sequence forward, fp32).
-Also: the per-request off switch equals the reference under ``talan_disabled``, and
-lm-eval's loglikelihood through the server equals its ``hf`` backend on the reference.
+The server runs the TALAN vLLM plugin (``--talan CKPT``) the default way, with the LoRA
+merged into the weights at load, and once more with it served per request
+(``--no-merge-lora``); the reference is ``talan_serve.reference.load_reference`` (HF + PEFT
++ TALAN, full-sequence forward, fp32). Also: the per-request off switch equals the
+reference under ``talan_disabled``, and lm-eval's loglikelihood through the server equals
+its ``hf`` backend on the reference.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ def server(checkpoint, workdir):
 
 
 @pytest.fixture(scope="module")
+def unmerged_client(checkpoint, workdir):
+    model_dir, ckpt = checkpoint
+    proc = start_server(model_dir, workdir, "--talan", str(ckpt), "--no-merge-lora")
+    with proc.client() as c:
+        assert c.get("/v1/models").json()["data"][0]["adapter"] == "per_request"
+    yield openai.OpenAI(base_url=f"{proc.base_url}/v1", api_key=API_KEY, max_retries=0)
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
 def reference(checkpoint):
     from talan_serve.reference import load_reference
 
@@ -66,8 +78,23 @@ def greedy(model, ids: list[int], steps: int, talan: bool) -> tuple[list[int], l
     return out_ids, out_lps
 
 
+def test_models_say_what_is_served(server):
+    with server.client() as c:
+        (card,) = c.get("/v1/models").json()["data"]
+    assert (card["talan"], card["adapter"], card["dtype"]) == (True, "merged", "float32")
+
+
 @pytest.mark.parametrize("talan", [True, False])
 def test_greedy_completion_equals_reference(client, reference, talan):
+    assert_greedy_equals_reference(client, reference, talan)
+
+
+@pytest.mark.parametrize("talan", [True, False])
+def test_lora_served_per_request_equals_reference(unmerged_client, reference, talan):
+    assert_greedy_equals_reference(unmerged_client, reference, talan)
+
+
+def assert_greedy_equals_reference(client, reference, talan: bool) -> None:
     model, tokenizer = reference
     for prompt in PROMPTS:
         ids = tokenizer(prompt).input_ids
