@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,5 +146,6 @@ def _():
     return flags
 
 
+shutil.rmtree(work, ignore_errors=True)
 print(json.dumps({"passed": all(r["passed"] for r in results.values()), "checks": results}))
 sys.exit(0 if all(r["passed"] for r in results.values()) else 1)
