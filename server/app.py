@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from importlib.metadata import version as _version
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,26 +20,58 @@ from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.errors import APIError, bad_request
 from server.http import check_auth, parse, read_json
-from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.openapi import install_openapi
+from server.schemas import (
+    REFUSED,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    VersionResponse,
+)
 from server.state import ServerSettings, ServerState
+from server.tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
+VERSION = _version("talan-serve")
+WATCH_INTERVAL_S = 1.0
 
 
-def create_app(backend: Backend, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(
+    backend: Backend,
+    settings: ServerSettings | None = None,
+    on_engine_dead: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The app; ``on_engine_dead`` runs once if the engine dies (the CLI stops the server
+    then, with a non-zero exit status, so that a supervisor restarts it)."""
     state = ServerState(backend, settings or ServerSettings())
     started = int(time.time())
     Gauge("talan_serve_engine_unfinished_requests",
           "Requests the engine still holds (0 when idle; a leak check)",
           registry=state.metrics.registry).set_function(backend.num_unfinished)
 
+    async def watch_engine() -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                await backend.health()
+            except EngineDeadError as error:
+                logger.error("the engine died (%s): stopping the server", error)
+                state.engine_dead = True
+                if on_engine_dead is not None:
+                    on_engine_dead()
+                return
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        watcher = asyncio.create_task(watch_engine())
         yield
+        watcher.cancel()
         # Reached after uvicorn has drained in-flight requests (SIGTERM/SIGINT).
         await backend.shutdown()
 
-    app = FastAPI(title="talan-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="talan-serve", lifespan=lifespan, redoc_url=None)
+    install_openapi(app, VERSION)
     app.state.server = state
 
     @app.exception_handler(APIError)
@@ -93,7 +128,8 @@ def create_app(backend: Backend, settings: ServerSettings | None = None) -> Fast
     async def handle(request: Request, endpoint: str, schema, create) -> Response:
         try:
             guard(request)
-            body = parse(schema, await read_json(request, state.settings.max_body_bytes))
+            body = parse(schema, await read_json(request, state.settings.max_body_bytes),
+                         REFUSED[endpoint])
             check_model(body.model)
             response = await create(state, body, request)
         except APIError as error:
@@ -109,5 +145,31 @@ def create_app(backend: Backend, settings: ServerSettings | None = None) -> Fast
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         return await handle(request, "chat", ChatCompletionRequest, create_chat_completion)
+
+    async def tokenizer_endpoint(request: Request, endpoint: str, run) -> Response:
+        try:
+            guard(request)
+            model, response = run(state, await read_json(request,
+                                                         state.settings.max_body_bytes))
+            check_model(model)
+        except APIError as error:
+            state.metrics.requests.labels(endpoint, str(error.status)).inc()
+            raise
+        state.metrics.requests.labels(endpoint, "200").inc()
+        return response
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> Response:
+        return await tokenizer_endpoint(request, "tokenize", tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> Response:
+        return await tokenizer_endpoint(request, "detokenize", detokenize)
+
+    @app.get("/version")
+    async def version() -> VersionResponse:
+        info = backend.info
+        return VersionResponse(version=VERSION, engine=info.engine,
+                               engine_version=info.engine_version)
 
     return app

@@ -51,10 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds SIGTERM waits for in-flight requests before exiting")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="the KV cache's size in bytes (default: vLLM's own sizing on a GPU, "
+                        "1 GiB on CPU)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="skip graph capture/compilation (default: on without a GPU, where "
                         "vLLM's compiled CPU mode decodes slower and starts slower; off "
                         "with one, where CUDA graphs pay; README, Benchmarks)")
+    p.add_argument("--tool-call-parser", default="auto",
+                   choices=("auto", "none", "hermes", "llama3_json"),
+                   help="how tool calls are read from chat output with tool_choice 'auto' "
+                        "(auto: the format the model's chat template renders tools in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info")
     return p
@@ -85,9 +92,18 @@ def _cpu_defaults(args: argparse.Namespace) -> None:
     if torch.cuda.is_available():
         args.enforce_eager = bool(args.enforce_eager)
         return
-    # vLLM's CPU backend otherwise sizes the KV cache from a memory check that fails on
-    # small hosts; 1 GiB holds the default model's context many times over.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.kv_cache_memory_bytes is not None:
+        # vLLM's CPU platform lets its legacy variable win over the engine argument.
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    else:
+        # vLLM's CPU backend otherwise sizes the KV cache from a memory check that fails
+        # on small hosts; 1 GiB holds the default model's context many times over.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # glibc's allocator lets the engine worker's memory creep up under varied request
+    # shapes (an arena per thread, freed pages kept); two arenas and trimming above 1 MiB
+    # keep it flat (bench/results/soak_cpu.json). The engine processes inherit these.
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**20))
     if args.enforce_eager is None:
         args.enforce_eager = True
         logger.info("no GPU: serving eager (--no-enforce-eager for vLLM's compiled CPU mode)")
@@ -128,7 +144,8 @@ def serve(args: argparse.Namespace, plan: Plan) -> int:
         deterministic=args.deterministic, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
-        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
     )
     info = backend.info
     logger.info("serving %s in %s: TALAN %s, LoRA %s", info.name, info.dtype,
@@ -137,14 +154,23 @@ def serve(args: argparse.Namespace, plan: Plan) -> int:
                  "per_request": "served per request"}.get(info.adapter, "none"))
     settings = ServerSettings(api_key=args.api_key, max_queued_requests=args.max_queued_requests,
                               max_body_bytes=args.max_body_bytes,
-                              deterministic=args.deterministic)
-    app = create_app(backend, settings)
+                              deterministic=args.deterministic, tool_parser=args.tool_call_parser)
+    server = None
+
+    def stop_on_engine_death() -> None:
+        server.admission.draining = True
+        server.should_exit = True
+
+    app = create_app(backend, settings, on_engine_dead=stop_on_engine_death)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout,
                             timeout_keep_alive=5)
     server = DrainingServer(config)
     server.admission = app.state.server.admission
     server.run()
+    if app.state.server.engine_dead:
+        print("talan-serve: the engine died; exiting with status 1", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -41,12 +41,12 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     echo_only = body.echo and body.max_tokens == 0
     # echo + logprobs scores the prompt itself (lm-eval's loglikelihood requests).
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    sampling = sampling_options(body, max(body.max_tokens or 0, 1), body.logprobs,
+    sampling = sampling_options(body, info, max(body.max_tokens or 0, 1), body.logprobs,
                                 prompt_logprobs)
     run = Run(state.backend, state.admission, state.metrics, "completions",
-              [p.token_ids for p in prompts], sampling)
+              [p.token_ids for p in prompts], sampling, cache_salt=body.cache_salt)
     created = int(time.time())
-    response_id = f"cmpl-{run.request_id}"
+    response_id = f"cmpl-{body.request_id or run.request_id}"
     tokenizer = info.tokenizer
     n = body.n
 
@@ -102,17 +102,23 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         body_json = CompletionResponse.model_validate(result).model_dump_json()
         return Response(content=body_json, media_type="application/json")
 
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    options = body.stream_options
+    include_usage = options is not None and (options.include_usage or
+                                             options.continuous_usage_stats)
+    continuous = options is not None and options.continuous_usage_stats
 
     async def events() -> AsyncIterator[str]:
         choices = {i: new_choice() for i in range(len(prompts) * n)}
 
         def chunk(index: int, text: str, choice: _Choice, finish: str | None) -> str:
             logprobs = choice.logprobs.take() if choice.logprobs is not None else None
-            return sse({"id": response_id, "object": "text_completion", "created": created,
-                        "model": info.name,
-                        "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                     "finish_reason": finish}]})
+            event = {"id": response_id, "object": "text_completion", "created": created,
+                     "model": info.name,
+                     "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                  "finish_reason": finish}]}
+            if continuous:
+                event["usage"] = usage(choices)
+            return sse(event)
 
         sent = False
         try:

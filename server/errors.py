@@ -46,9 +46,28 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def from_validation(error: ValidationError) -> APIError:
-    """The first pydantic error, phrased for a client (which field, what was wrong)."""
-    first = error.errors(include_url=False)[0]
-    path = ".".join(str(part) for part in first.get("loc", ()))
-    # Union types report a branch name after the field; the field is the parameter.
-    param = str(first["loc"][0]) if first.get("loc") else None
-    return bad_request(f"invalid value for '{path or 'body'}': {first.get('msg')}", param=param)
+    """The most telling pydantic error, phrased for a client (which field, what was wrong).
+
+    A union field (``prompt``, ``stop``, ...) reports one error per branch; the telling one
+    is from the branch whose type fit but whose value did not (a list too long), not the
+    type mismatch of the first branch ("Input should be a valid string").
+    """
+    errors = error.errors(include_url=False)
+    first = errors[0]
+    field = first["loc"][:1]
+    same_field = [e for e in errors if e["loc"][:1] == field]
+    chosen = next((e for e in same_field if not e["type"].endswith("_type")), first)
+    path = ".".join(str(part) for part in chosen.get("loc", ()) if not _is_branch_tag(part))
+    param = str(chosen["loc"][0]) if chosen.get("loc") else None
+    return bad_request(f"invalid value for '{path or 'body'}': {chosen.get('msg')}", param=param)
+
+
+def _is_branch_tag(part: object) -> bool:
+    """A union branch pydantic names in an error's location (``list[int]``, ``str``)."""
+    return isinstance(part, str) and (
+        "[" in part or "(" in part or part in ("str", "int", "float", "bool", "none"))
+
+
+def unsupported(field: str) -> APIError:
+    return bad_request(f"'{field}' is not supported by this server", param=field,
+                       code="unsupported_parameter")

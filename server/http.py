@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from server.errors import APIError, bad_request, from_validation
+from server.errors import APIError, bad_request, from_validation, unsupported
 
 
 def check_auth(request: Request, api_key: str | None) -> None:
@@ -46,13 +46,25 @@ async def read_json(request: Request, limit: int) -> Any:
         raise bad_request(f"request body is not valid JSON: {error}") from error
 
 
-def parse(model: type[BaseModel], body: Any) -> Any:
+def parse(model: type[BaseModel], body: Any, refused: dict[str, tuple] | None = None) -> Any:
+    """Validate a JSON body; a field in ``refused`` set to a value other than its harmless
+    defaults (or null) is a 400 that names it."""
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
+    for name, harmless in (refused or {}).items():
+        value = body.get(name)
+        if value is not None and not any(_same(value, ok) for ok in harmless):
+            raise unsupported(name)
     try:
         return model.model_validate(body)
     except ValidationError as error:
         raise from_validation(error) from error
+
+
+def _same(value: Any, harmless: Any) -> bool:
+    # JSON true is not 1 here: {"best_of": true} is not the default best_of of 1.
+    return type(value) is type(harmless) and value == harmless or (
+        isinstance(harmless, float) and type(value) is int and value == harmless)
 
 
 @asynccontextmanager

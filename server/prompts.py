@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from server.backends.base import ModelInfo
 from server.errors import APIError, bad_request
 from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.tools import message_for_template
 
 
 @dataclass
@@ -31,26 +32,50 @@ def completion_prompts(info: ModelInfo, request: CompletionRequest) -> list[Prom
     else:
         texts = None
     if texts is not None:
-        prompts = [Prompt(_encode(info, text, add_special_tokens=True), text) for text in texts]
+        prompts = [Prompt(_encode(info, text, request.add_special_tokens), text)
+                   for text in texts]
     elif isinstance(raw[0], int):
         prompts = [Prompt(list(raw), None)]  # type: ignore[arg-type]
     else:
         prompts = [Prompt(list(ids), None) for ids in raw]  # type: ignore[union-attr]
+    prompts = [truncated(info, request, prompt) for prompt in prompts]
     for prompt in prompts:
         check_prompt(info, prompt.token_ids, max(request.max_tokens or 0, 1), "prompt")
     return prompts
 
 
-def chat_prompt(info: ModelInfo, request: ChatCompletionRequest) -> Prompt:
-    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+def chat_prompt(info: ModelInfo, request: ChatCompletionRequest,
+                tools: list[dict] | None = None) -> Prompt:
+    if request.continue_final_message and request.add_generation_prompt:
+        raise bad_request("continue_final_message needs add_generation_prompt: false",
+                          param="continue_final_message")
+    messages = [message_for_template(m) for m in request.messages]
+    options = {**(request.chat_template_kwargs or {}),
+               "add_generation_prompt": request.add_generation_prompt,
+               "continue_final_message": request.continue_final_message}
+    if tools:
+        options["tools"] = tools
     try:
-        text = info.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=request.add_generation_prompt
-        )
+        text = info.tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except Exception as error:  # template errors (e.g. roles it refuses) are the client's
         raise bad_request(f"messages do not fit the chat template: {error}", "messages") from error
     # The template already wrote any special tokens (as vLLM's own server does).
-    return Prompt(_encode(info, text, add_special_tokens=False), text)
+    return truncated(info, request, Prompt(_encode(info, text, request.add_special_tokens), text))
+
+
+def truncated(info: ModelInfo, request: CompletionRequest | ChatCompletionRequest,
+              prompt: Prompt) -> Prompt:
+    """``truncate_prompt_tokens``: keep that many tokens (-1: the context length), dropping
+    them from ``truncation_side`` (default: the left, keeping the end of the prompt)."""
+    keep = request.truncate_prompt_tokens
+    if keep is None:
+        return prompt
+    keep = info.max_model_len if keep == -1 else keep
+    if len(prompt.token_ids) <= keep:
+        return prompt
+    ids = prompt.token_ids
+    ids = ids[len(ids) - keep:] if (request.truncation_side or "left") == "left" else ids[:keep]
+    return Prompt(ids, None)  # echo decodes what was kept
 
 
 def check_prompt(info: ModelInfo, token_ids: list[int], max_tokens: int, param: str) -> None:

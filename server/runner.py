@@ -58,6 +58,7 @@ class Run:
     endpoint: str
     prompts: list[list[int]]
     sampling: SamplingOptions
+    cache_salt: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     start: float = field(default_factory=time.monotonic)
     finished: set[int] = field(default_factory=set)
@@ -102,7 +103,8 @@ class Run:
         self.metrics.generation_tokens.inc(sum(len(s.token_ids) for s in output.sequences))
 
     def _request(self, index: int) -> GenerateRequest:
-        return GenerateRequest(self.engine_id(index), self.prompts[index], self.sampling)
+        return GenerateRequest(self.engine_id(index), self.prompts[index], self.sampling,
+                               self.cache_salt)
 
     async def outputs(self) -> AsyncIterator[tuple[int, GenerateOutput]]:
         try:

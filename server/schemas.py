@@ -1,8 +1,10 @@
 """OpenAI-compatible request and response bodies (pydantic).
 
 Requests are validated here (types and ranges); limits that depend on the model
-(context length, vocabulary) are checked in ``server.prompts``. Unknown fields are
-ignored, as OpenAI clients send fields this server does not implement.
+(context length, vocabulary) are checked in ``server.prompts`` and ``server.sampling``.
+Every field that vLLM's OpenAI server accepts is either a field below, honoured with the
+same meaning, or in ``REFUSED`` (a 400 that names it unless it carries its harmless
+default). Other unknown fields are ignored, as OpenAI clients send many.
 """
 
 from __future__ import annotations
@@ -54,6 +56,37 @@ TalanSwitch = Annotated[
 
 class StreamOptions(_Request):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+JsonObject = dict[str, Any]
+
+
+class JsonSchemaFormat(_Request):
+    name: Annotated[StrictStr, Field(max_length=64)] = "response"
+    description: StrictStr | None = None
+    schema_: Annotated[JsonObject | None, Field(alias="schema")] = None
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Request):
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (JSON valid against it)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's own constraint field: exactly one of ``json``, ``regex``, ``choice``, ``grammar``."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: Annotated[JsonObject | StrictStr | None, Field(alias="json")] = None
+    regex: StrictStr | None = None
+    choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
 
 
 class _SamplingFields(_Request):
@@ -61,13 +94,31 @@ class _SamplingFields(_Request):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
+    logit_bias: Annotated[dict[str, Bias], Field(max_length=1024)] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    bad_words: Annotated[list[Annotated[StrictStr, Field(min_length=1)]],
+                         Field(max_length=MAX_STOP)] | None = None
     seed: Int64 | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    cache_salt: Annotated[StrictStr, Field(min_length=1)] | None = None
+    request_id: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
     user: StrictStr | None = None
     talan: TalanSwitch = None
 
@@ -86,6 +137,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: StrictBool = False
+    add_special_tokens: StrictBool = True
 
 
 class TextPart(_Request):
@@ -93,10 +145,23 @@ class TextPart(_Request):
     text: StrictStr
 
 
+class FunctionCall(_Request):
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | Annotated[list[TextPart], Field(min_length=1)] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: StrictStr | None = None  # a tool turn: which call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -106,6 +171,27 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDefinition(_Request):
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: StrictStr | None = None
+    parameters: JsonObject | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: StrictStr
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
     max_tokens: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)] | None = None
@@ -113,6 +199,35 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    chat_template_kwargs: JsonObject | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+
+
+# Fields of vLLM's OpenAI server (0.32/0.33) or of OpenAI's API that this server does not
+# honour: a request that sets one to anything but the values listed (or null) gets a 400
+# naming it. tests/server/test_schemas.py keeps this in step with vLLM's request models.
+_BOTH_REFUSED: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (False,), "length_penalty": (1, 1.0), "best_of": (1,),
+    "prompt_logprobs": (), "logprob_token_ids": (), "priority": (0,), "session_id": (),
+    "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
+    "routed_experts_prompt_start": (), "return_token_offsets": (False,), "mm_payload": (),
+    "return_mm_kwargs": (False,), "kv_transfer_params": (), "ec_transfer_params": (),
+    "vllm_xargs": (), "repetition_detection": (), "thinking_token_budget": (),
+    "stream_interval": (1,), "watermarking": (), "guided_json": (), "guided_regex": (),
+    "guided_choice": (), "guided_grammar": (), "store": (False,), "prediction": (),
+    "modalities": (["text"],), "audio": (), "web_search_options": (), "service_tier": (),
+}
+REFUSED: dict[str, dict[str, tuple[Any, ...]]] = {
+    "completions": {**_BOTH_REFUSED, "suffix": ("",), "prompt_embeds": ()},
+    "chat": {**_BOTH_REFUSED, "echo": (False,), "documents": (), "chat_template": (),
+             "media_io_kwargs": (), "mm_processor_kwargs": (), "return_prompt_text": (False,),
+             "reasoning_effort": (), "include_reasoning": (True,), "functions": (),
+             "function_call": ()},
+}
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -161,9 +276,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprobEntry] | None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] = []
 
 
 class ChatChoice(BaseModel):
@@ -196,3 +323,38 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- tokenizer endpoints (as vLLM's server has them) ------------------------------------
+
+
+class TokenizeRequest(_Request):
+    """``/tokenize`` of a prompt; a body with ``messages`` is a ``ChatCompletionRequest``
+    tokenized through the chat template instead."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: StrictStr | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=1_000_000)]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+    engine: str
+    engine_version: str

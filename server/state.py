@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from server.backends.base import Backend
 from server.metrics import Metrics
 from server.runner import Admission
+from server.tools import parser_for
 
 
 @dataclass
@@ -16,6 +17,7 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     served_names: tuple[str, ...] = ()  # extra names accepted in the `model` field
     deterministic: bool = False
+    tool_parser: str | None = None  # "auto": from the chat template; "none": no parsing
 
 
 @dataclass
@@ -24,9 +26,18 @@ class ServerState:
     settings: ServerSettings
     metrics: Metrics = field(default_factory=Metrics)
     admission: Admission = field(init=False)
+    engine_dead: bool = False
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.settings.max_queued_requests)
+
+    @property
+    def tool_parser(self) -> str | None:
+        """The format tool calls are read in (``server.tools``); None: tools not rendered."""
+        chosen = self.settings.tool_parser
+        if chosen in (None, "auto"):
+            return parser_for(getattr(self.backend.info.tokenizer, "chat_template", None))
+        return None if chosen == "none" else chosen
 
     def accepts_model(self, name: str | None) -> bool:
         return name is None or name == self.backend.info.name or name in self.settings.served_names

@@ -22,20 +22,44 @@ class EngineDeadError(RuntimeError):
 
 
 @dataclass
+class Constraint:
+    """Structured output: what the engine's constrained decoding must produce.
+
+    ``kind`` is ``json`` (``value``: a JSON schema), ``json_object`` (any JSON object),
+    ``regex``, ``choice`` (``value``: the allowed strings) or ``grammar`` (EBNF).
+    """
+
+    kind: str
+    value: Any = None
+
+
+@dataclass
 class SamplingOptions:
-    """Engine-neutral sampling knobs (OpenAI names; validated by the front end)."""
+    """Engine-neutral sampling knobs (OpenAI / vLLM names; validated by the front end)."""
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     n: int = 1
     logprobs: int | None = None  # top-k alternatives per generated token
     prompt_logprobs: int | None = None  # top-k alternatives per prompt token (echo)
     ignore_eos: bool = False
+    constraint: Constraint | None = None
     talan_enabled: bool = True  # per-request TALAN off switch
 
 
@@ -44,6 +68,7 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingOptions
+    cache_salt: str | None = None  # keeps this request's prefix-cache entries apart
 
 
 @dataclass
@@ -86,6 +111,8 @@ class ModelInfo:
     talan: bool  # whether a TALAN checkpoint is loaded (per-request switch is meaningful)
     dtype: str  # the engine's compute dtype ("float32", "bfloat16", ...)
     adapter: str | None = None  # the checkpoint's LoRA: "merged", "per_request", or None
+    engine: str = ""  # "vllm", ...
+    engine_version: str = ""
 
 
 class Backend(Protocol):

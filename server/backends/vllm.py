@@ -48,8 +48,15 @@ class VllmBackendConfig:
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
+    kv_cache_memory_bytes: int | None = None
     seed: int = 0
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
 
 
 def _on_cuda() -> bool:
@@ -77,6 +84,7 @@ def adapter_mode(prepared: PreparedModel | None) -> str | None:
 
 
 def engine_args(config: VllmBackendConfig, prepared: PreparedModel | None) -> Any:
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kwargs: dict[str, Any] = dict(
@@ -86,6 +94,11 @@ def engine_args(config: VllmBackendConfig, prepared: PreparedModel | None) -> An
         seed=config.seed,
         enforce_eager=config.enforce_eager,
         tensor_parallel_size=config.tensor_parallel_size,
+        # Structured outputs through xgrammar (which runs on CPU too), with compact JSON: no
+        # whitespace between tokens, so that a model cannot spend its max_tokens on
+        # indentation and stop mid-document.
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar",
+                                                          disable_any_whitespace=True),
     )
     if prepared is not None and prepared.lora_dir is not None:
         kwargs["enable_lora"] = True
@@ -99,6 +112,8 @@ def engine_args(config: VllmBackendConfig, prepared: PreparedModel | None) -> An
         kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
     if config.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    if config.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
     if config.deterministic and not _on_cuda():
         # No batch-invariant kernels on CPU: run one sequence at a time, so a request's
         # numerics never see another request, and never reuse KV computed under a
@@ -112,20 +127,36 @@ def engine_args(config: VllmBackendConfig, prepared: PreparedModel | None) -> An
 def sampling_params(options: SamplingOptions) -> Any:
     """vLLM's ``SamplingParams`` for the engine-neutral options (TALAN switch included)."""
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    structured = None
+    if options.constraint is not None:
+        kind, value = options.constraint.kind, options.constraint.value
+        structured = StructuredOutputsParams(**{kind: True if kind == "json_object" else value})
     return SamplingParams(
         n=options.n,
         max_tokens=options.max_tokens,
+        min_tokens=options.min_tokens,
         temperature=options.temperature,
         top_p=options.top_p,
         top_k=options.top_k if options.top_k > 0 else 0,
+        min_p=options.min_p,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        repetition_penalty=options.repetition_penalty,
+        logit_bias=options.logit_bias,
+        allowed_token_ids=options.allowed_token_ids,
+        bad_words=options.bad_words,
         seed=options.seed,
         stop=list(options.stop) or None,
         stop_token_ids=list(options.stop_token_ids) or None,
+        include_stop_str_in_output=options.include_stop_str_in_output,
+        skip_special_tokens=options.skip_special_tokens,
+        spaces_between_special_tokens=options.spaces_between_special_tokens,
         logprobs=options.logprobs,
         prompt_logprobs=options.prompt_logprobs,
         ignore_eos=options.ignore_eos,
+        structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,
         extra_args=switch_args(options.talan_enabled),
     )
@@ -167,6 +198,8 @@ class VllmBackend:
             talan=self._prepared is not None and self._prepared.has_talan,
             dtype=str(model_config.dtype).removeprefix("torch."),
             adapter=adapter_mode(self._prepared),
+            engine="vllm",
+            engine_version=_vllm_version(),
         )
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
@@ -177,7 +210,9 @@ class VllmBackend:
             params = sampling_params(request.sampling)
         except (VLLMValidationError, ValueError) as error:
             raise EngineInputError(str(error)) from error
-        prompt = {"prompt_token_ids": request.prompt_token_ids}
+        prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
+        if request.cache_salt is not None:
+            prompt["cache_salt"] = request.cache_salt
         first = True
         history: dict[int, tuple[list[int], list[str]]] = {}
         try:
@@ -197,7 +232,7 @@ class VllmBackend:
                     ids.extend(delta.token_ids)
                     texts.append(delta.text)
                     if delta.finish_reason == "length":
-                        delta.text += self._held_back(ids, "".join(texts))
+                        delta.text += self._held_back(ids, "".join(texts), params)
                     sequences.append(delta)
                 prompt_logprobs = None
                 if first and out.prompt_logprobs is not None:
@@ -209,14 +244,16 @@ class VllmBackend:
         except (VLLMValidationError, ValueError) as error:
             raise EngineInputError(str(error)) from error
 
-    def _held_back(self, token_ids: list[int], text: str) -> str:
+    def _held_back(self, token_ids: list[int], text: str, params: Any) -> str:
         """Text vLLM's incremental detokenizer still holds when a sequence hits its length.
 
         It waits for the rest of a multi-byte character that will never come; a full
         decode (what transformers and lm-eval's hf backend return) shows those bytes
         as U+FFFD. Not used after a stop string, whose text vLLM deliberately cut.
         """
-        full = self.info.tokenizer.decode(token_ids, skip_special_tokens=True)
+        full = self.info.tokenizer.decode(
+            token_ids, skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens)
         return full[len(text):] if len(full) > len(text) and full.startswith(text) else ""
 
     async def abort(self, request_id: str) -> None:

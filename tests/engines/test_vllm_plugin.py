@@ -69,6 +69,7 @@ def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
     from vllm import SamplingParams
 
     from patches.vllm_talan_prefix_cache_key import OFF_KEY, talan_cache_keys
+    from server.backends.base import ModelInfo
     from server.backends.vllm import sampling_params
     from server.errors import APIError
     from server.http import parse
@@ -85,7 +86,8 @@ def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
             return "refused"
 
     body = {"prompt": "a"} if value is MISSING else {"prompt": "a", "talan": value}
-    server = answer(lambda: sampling_options(parse(CompletionRequest, body), 4, None))
+    info = ModelInfo("m", 64, None, 100, True, "float32")
+    server = answer(lambda: sampling_options(parse(CompletionRequest, body), info, 4, None))
     direct = SamplingParams(extra_args=None if value is MISSING else {"talan": value})
 
     def plugin():

