@@ -11,7 +11,6 @@ import argparse
 import logging
 import sys
 
-
 COMMANDS_HELP = """commands:
   talan-train RECIPE.yaml [options]     train one run of a recipe (this page)
   talan-train audit RUN_A RUN_B         list every training-side difference between two
