@@ -76,6 +76,9 @@ def parse_args() -> argparse.Namespace:
                         help="default: float32, or bfloat16 with --shape")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="enforce_eager (CPU default); --no-eager for compiled/graphs")
+    parser.add_argument("--modes", nargs="+", default=[m.name for m in MODES],
+                        choices=[m.name for m in MODES],
+                        help="measure only these (and build only their engines)")
     parser.add_argument("--out", default="bench/results/vllm_cpu_smollm2")
     return parser.parse_args()
 
@@ -133,9 +136,13 @@ def main() -> None:
                   max_model_len=args.prompt_len + args.decode_tokens + 16,
                   max_num_seqs=max(max_batch, 8), enable_prefix_caching=False,
                   max_num_batched_tokens=max(2048, max_batch * args.prompt_len), **extra)
+    wanted = [m for m in MODES if m.name in args.modes]
+    needed = {m.engine if m.engine in engine_paths else SHARED_ENGINE[m.engine] for m in wanted}
     # All engines up at once, modes taking turns (vllm_common.measure_interleaved).
     engines = {}
     for engine_name, path in engine_paths.items():
+        if engine_name not in needed:
+            continue
         lora = engine_name in ("talan", "host")  # --shape: "base" = host, no LoRARequest
         options = dict(common, enable_lora=True, max_lora_rank=lora_rank,
                        max_loras=1) if lora else dict(common)
@@ -143,7 +150,7 @@ def main() -> None:
         engines[engine_name] = LLM(str(path), **options)
         print(f"[{engine_name}] engine up in {time.perf_counter() - start:.1f}s", flush=True)
     modes = [replace(m, engine=m.engine if m.engine in engines else SHARED_ENGINE[m.engine])
-             for m in MODES]
+             for m in wanted]
     points = []
     for batch in args.batches:
         prompts = random_prompts(batch, args.prompt_len, vocab, seed=batch)

@@ -10,7 +10,11 @@
    layer does it (state slots, resume flags, per-row on/off), captured once in a CUDA
    graph and replayed 32 steps on new inputs: every replay equals eager execution, each
    TALAN-on row's state mass grows by exactly 1 per step and TALAN-off rows stay put.
-3. ``timing``: at Qwen3-8B shape with the q8b preset (bf16 stream), the decode step's time
+3. ``sglang_step``: the SGLang plugin's ``TalanStateLayer.step`` (pure tensor code) for a
+   decode batch padded the way SGLang's CUDA-graph runner pads it (rows with slot -1),
+   captured and replayed 16 steps against eager: outputs equal, real rows' states advance
+   (TALAN-on) or stay (TALAN-off), and padding touches only the pool's scratch slot 0.
+4. ``timing``: at Qwen3-8B shape with the q8b preset (bf16 stream), the decode step's time
    per call eager vs graph-replayed, batch 1/8/32, next to the time of the bf16 weight
    GEMMs of one Qwen3-8B decode step at the same batch (a stand-in, and a lower bound, for
    the model step: no attention, norms or vLLM; the engine figure is gpu_check.py's).
@@ -209,6 +213,56 @@ def check_timing() -> dict:
     return dict(ok=True, config="q8b", rows=rows)
 
 
+def check_sglang_step(device: str = "cuda") -> dict:
+    """SGLang's layer step, graph-replayed vs eager (both eager with ``device="cpu"``)."""
+    from talan_serve.plugins.sglang.layer import TalanStateLayer
+
+    config = tiny_talan_config()
+    layer = TalanStateLayer(config, layer_id=1)
+    layer.block = randomized_block(config).to(device)
+    real, padded, slots, steps = 6, 8, 16, 16
+    index = torch.tensor([3, 5, 7, 9, 11, 13] + [-1] * (padded - real), device=device)
+    flags = torch.ones(slots, dtype=torch.bool, device=device)
+    flags[[7, 13]] = False  # rows 2 and 5 are TALAN-off
+    pools = {side: torch.zeros(slots, *config.state_shape, device=device)
+             for side in ("graph", "eager")}
+    stream = torch.zeros(padded, config.hidden_size, device=device)
+    out = torch.zeros_like(stream)
+
+    def step() -> None:
+        out.copy_(layer.step(stream, pools["graph"], index, flags))
+
+    if device == "cuda":
+        step()  # warm-up; then forget what it wrote
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    else:
+        run = step
+    pools["graph"].zero_()
+    generator = torch.Generator(device=device).manual_seed(1)
+    max_diff, mass_ok = 0.0, True
+    for _ in range(steps):
+        stream.copy_(torch.randn(padded, config.hidden_size, device=device,
+                                 generator=generator))
+        before = pools["graph"][index[:real], :, -1].sum(-1).clone()
+        run()
+        eager = layer.step(stream, pools["eager"], index, flags)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        gained = pools["graph"][index[:real], :, -1].sum(-1) - before
+        want = flags[index[:real]].float()
+        mass_ok &= bool((gained - want).abs().max() < 1e-4)
+        max_diff = max(max_diff, (out[:real] - eager[:real]).abs().max().item(),
+                       (pools["graph"][1:] - pools["eager"][1:]).abs().max().item())
+    untouched = [s for s in range(1, slots) if s not in index.tolist()]
+    clean = bool(pools["graph"][untouched].abs().max() == 0)
+    return dict(ok=mass_ok and clean and max_diff < 1e-5, real_rows=real, padded_rows=padded,
+                steps=steps, max_abs_diff_graph_vs_eager=max_diff,
+                mass_plus_one_on_rows_zero_off=mass_ok, other_slots_untouched=clean)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/results/gpu_h200")
@@ -217,7 +271,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
     for name, check in (("parity", check_parity), ("cuda_graph", check_cuda_graph),
-                        ("timing", check_timing)):
+                        ("sglang_step", check_sglang_step), ("timing", check_timing)):
         try:
             results[name] = check()
         except Exception as err:  # record, keep going
@@ -225,7 +279,8 @@ def main() -> None:
                                  traceback=traceback.format_exc()[-3000:])
         log(f"{name}: ok={results[name]['ok']}")
     (out / "gpu_block_check.json").write_text(json.dumps(results, indent=2) + "\n")
-    sys.exit(0 if all(results[n]["ok"] for n in ("parity", "cuda_graph", "timing")) else 1)
+    sys.exit(0 if all(results[n]["ok"] for n in ("parity", "cuda_graph", "sglang_step", "timing"))
+             else 1)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--checkpoint", default=None,
+                        help="a TALAN checkpoint for SmolLM2 (default: a random T=3 one)")
     parser.add_argument("--out", default="bench/results/vllm_step_parts_cpu")
     args = parser.parse_args()
     work = Path(args.work_dir)
@@ -122,11 +124,11 @@ def main() -> None:
     from talan_serve.testing import build_tiny_checkpoint
 
     base = default_model_dir()
-    checkpoint = work / "checkpoint"
+    checkpoint = Path(args.checkpoint) if args.checkpoint else work / "checkpoint"
     if not (checkpoint / "talan_manifest.json").is_file():
         build_tiny_checkpoint(base, checkpoint, lora=True, alpha=0.008)
-    merged = prepare_model_dir(checkpoint, work / "served-merged", base_model_dir=base,
-                               merge_lora=True)
+    merged = prepare_model_dir(checkpoint, work / f"served-merged-{checkpoint.name}",
+                               base_model_dir=base, merge_lora=True)
     common = dict(dtype="float32", enforce_eager=True, seed=0, enable_prefix_caching=False,
                   max_model_len=32 + args.decode_tokens + 16,
                   max_num_seqs=max(8, *args.batches),
@@ -166,7 +168,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(model=str(base), talan=merged.path.name, dtype="float32", eager=True,
+    meta = dict(model=str(base), talan=str(checkpoint), dtype="float32", eager=True,
                 torch_threads=torch.get_num_threads(), prompt_len=32,
                 decode_tokens=args.decode_tokens, repeats=args.repeats,
                 vllm=__import__("vllm").__version__)
@@ -174,7 +176,7 @@ def main() -> None:
     out.parent.joinpath(f"{out.name}.json").write_text(record)
     lines = ["# Per-step parts of a decode step: plain host vs TALAN (merged LoRA), vLLM CPU",
              "", f"`python bench/profile_vllm_step.py` ({meta['vllm']}, fp32, eager, "
-             f"{meta['torch_threads']} threads, SmolLM2-135M, prompt 32, "
+             f"{meta['torch_threads']} threads, SmolLM2-135M + {meta['talan']}, prompt 32, "
              f"{args.decode_tokens} new tokens x {args.repeats} runs). Median per decode "
              "step, microseconds; indented rows are inside the row above. The profiler "
              "calls perturbation a second time at once (the warm row); TALAN's step, "

@@ -16,6 +16,11 @@ export PYTHONUNBUFFERED=1
 # replay, and its cost at Qwen3-8B shape. Runs even where vLLM is missing.
 $PY bench/gpu_block_check.py --out "$RESULTS" 2>&1 | tee "$RESULTS/gpu_block_check.log"
 block_status=${PIPESTATUS[0]}
+# SGLang's engine checks, where its environment exists (SGLANG_PYTHON, e.g.
+# .venv-sglang/bin/python): bf16 ids with CUDA graphs on, off and deterministic.
+if [ -n "${SGLANG_PYTHON:-}" ]; then
+    "$SGLANG_PYTHON" bench/sglang_gpu_check.py --out "$RESULTS" 2>&1 | tee "$RESULTS/sglang_gpu_check.log"
+fi
 if ! $PY -c "import vllm, sys; print('vllm', vllm.__version__)"; then
     echo "vLLM (CUDA build) is not installed: use the GPU image (docker/) or pip install vllm==0.33.0" >&2
     if [ -n "${OUT:-}" ]; then cp -r "$RESULTS"/. "$OUT"/ 2>/dev/null || true; fi

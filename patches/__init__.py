@@ -9,9 +9,11 @@ from __future__ import annotations
 
 def apply_vllm() -> list[str]:
     """Apply the vLLM patches that fit the running vLLM; the names of those applied."""
-    from patches import vllm_cpu_lora_mixed_batch, vllm_talan_prefix_cache_key
+    from patches import vllm_cpu_lora_mixed_batch, vllm_cpu_pp_eager, vllm_talan_prefix_cache_key
 
     applied = ["vllm_talan_prefix_cache_key"] if vllm_talan_prefix_cache_key.apply() else []
     if vllm_cpu_lora_mixed_batch.apply():
         applied.append("vllm_cpu_lora_mixed_batch")
+    if vllm_cpu_pp_eager.apply():
+        applied.append("vllm_cpu_pp_eager")
     return applied

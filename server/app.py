@@ -122,7 +122,8 @@ def create_app(
         info = backend.info
         return ModelList(data=[ModelCard(id=name, created=started,
                                          max_model_len=info.max_model_len, talan=info.talan,
-                                         dtype=info.dtype, adapter=info.adapter)
+                                         dtype=info.dtype, adapter=info.adapter,
+                                         deterministic=state.settings.deterministic)
                                for name in (info.name, *state.settings.served_names)])
 
     async def handle(request: Request, endpoint: str, schema, create) -> Response:

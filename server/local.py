@@ -74,15 +74,18 @@ def start_local_server(
     *args: str,
     api_key: str | None = None,
     timeout: float = 300.0,
+    env: dict[str, str] | None = None,
 ) -> LocalServer:
-    """``talan-serve --model MODEL ARGS...`` on a free loopback port, once it is healthy."""
+    """``talan-serve --model MODEL ARGS...`` on a free loopback port, once it is healthy;
+    ``env`` is added to ``engine_env(workdir)``."""
     port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"server-{port}.log"
     command = [sys.executable, "-m", "server.cli", "--model", str(model), "--port", str(port),
                *(["--api-key", api_key] if api_key else []), *args]
     with log.open("w") as sink:
-        process = subprocess.Popen(command, env=engine_env(workdir), stdout=sink,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env={**engine_env(workdir), **(env or {})},
+                                   stdout=sink, stderr=subprocess.STDOUT)
     server = LocalServer(process, f"http://127.0.0.1:{port}", log, api_key)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -23,9 +23,10 @@ def _top(position: PositionLogprobs, k: int) -> list[tuple[int, Any]]:
 class CompletionLogprobBuilder:
     """Accumulates the ``logprobs`` object of one completion choice."""
 
-    def __init__(self, k: int, tokenizer: Any) -> None:
+    def __init__(self, k: int, tokenizer: Any, as_ids: bool = False) -> None:
         self.k = k
         self.tokenizer = tokenizer
+        self.as_ids = as_ids
         self.tokens: list[str] = []
         self.token_logprobs: list[float | None] = []
         self.top_logprobs: list[dict[str, float] | None] = []
@@ -44,11 +45,11 @@ class CompletionLogprobBuilder:
                 text = chosen.text
                 self.token_logprobs.append(_clamp(chosen.logprob))
                 # The sampled token plus the top k, keyed by text (OpenAI's format).
-                top = {text: _clamp(chosen.logprob)}
-                for _, lp in _top(position, self.k):
-                    top.setdefault(lp.text, _clamp(lp.logprob))
+                top = {_name(token_id, text, self.as_ids): _clamp(chosen.logprob)}
+                for tid, lp in _top(position, self.k):
+                    top.setdefault(_name(tid, lp.text, self.as_ids), _clamp(lp.logprob))
                 self.top_logprobs.append(top)
-            self.tokens.append(text)
+            self.tokens.append(_name(token_id, text, self.as_ids))
             self.text_offset.append(self._offset)
             self._offset += len(text)
 
@@ -67,17 +68,25 @@ class CompletionLogprobBuilder:
         }
 
 
-def _entry(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": _clamp(logprob), "bytes": list(text.encode("utf-8"))}
+def _name(token_id: int, text: str, as_ids: bool) -> str:
+    """A token as the response names it: its text, or ``token_id:ID``
+    (``return_tokens_as_token_ids``)."""
+    return f"token_id:{token_id}" if as_ids else text
+
+
+def _entry(token_id: int, text: str, logprob: float, as_ids: bool) -> dict:
+    return {"token": _name(token_id, text, as_ids), "logprob": _clamp(logprob),
+            "bytes": list(text.encode("utf-8"))}
 
 
 def chat_logprobs(
-    token_ids: list[int], positions: list[PositionLogprobs], k: int
+    token_ids: list[int], positions: list[PositionLogprobs], k: int, as_ids: bool = False
 ) -> list[dict]:
     content = []
     for token_id, position in zip(token_ids, positions, strict=True):
         chosen = position[token_id]
-        entry = _entry(chosen.text, chosen.logprob)
-        entry["top_logprobs"] = [_entry(lp.text, lp.logprob) for _, lp in _top(position, k)]
+        entry = _entry(token_id, chosen.text, chosen.logprob, as_ids)
+        entry["top_logprobs"] = [_entry(tid, lp.text, lp.logprob, as_ids)
+                                 for tid, lp in _top(position, k)]
         content.append(entry)
     return content

@@ -26,7 +26,8 @@ class Metrics:
             ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.first_token = Histogram(
-            "talan_serve_time_to_first_token_seconds", "Time to the first generated token",
+            "talan_serve_time_to_first_token_seconds",
+            "Time to the first generated token (streamed requests)",
             ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge(

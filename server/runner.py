@@ -59,6 +59,7 @@ class Run:
     prompts: list[list[int]]
     sampling: SamplingOptions
     cache_salt: str | None = None
+    stream: bool = True
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     start: float = field(default_factory=time.monotonic)
     finished: set[int] = field(default_factory=set)
@@ -99,12 +100,14 @@ class Run:
         if not self._got_first:
             self._got_first = True
             self.metrics.queue_depth.dec(len(self.prompts))
-            self.metrics.first_token.labels(self.endpoint).observe(time.monotonic() - self.start)
+            if self.stream:  # a non-streamed answer arrives whole: no first-token time
+                self.metrics.first_token.labels(self.endpoint).observe(
+                    time.monotonic() - self.start)
         self.metrics.generation_tokens.inc(sum(len(s.token_ids) for s in output.sequences))
 
     def _request(self, index: int) -> GenerateRequest:
         return GenerateRequest(self.engine_id(index), self.prompts[index], self.sampling,
-                               self.cache_salt)
+                               self.cache_salt, self.stream)
 
     async def outputs(self) -> AsyncIterator[tuple[int, GenerateOutput]]:
         try:

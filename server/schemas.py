@@ -120,6 +120,8 @@ class _SamplingFields(_Request):
     cache_salt: Annotated[StrictStr, Field(min_length=1)] | None = None
     request_id: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
     user: StrictStr | None = None
+    # Logprob tokens as "token_id:ID" (vLLM's field): exact ids where text is ambiguous.
+    return_tokens_as_token_ids: StrictBool = False
     talan: TalanSwitch = None
 
 
@@ -213,7 +215,7 @@ class ChatCompletionRequest(_SamplingFields):
 _BOTH_REFUSED: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,), "length_penalty": (1, 1.0), "best_of": (1,),
     "prompt_logprobs": (), "logprob_token_ids": (), "priority": (0,), "session_id": (),
-    "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
+    "return_token_ids": (False,),
     "routed_experts_prompt_start": (), "return_token_offsets": (False,), "mm_payload": (),
     "return_mm_kwargs": (False,), "kv_transfer_params": (), "ec_transfer_params": (),
     "vllm_xargs": (), "repetition_detection": (), "thinking_token_budget": (),
@@ -318,6 +320,7 @@ class ModelCard(BaseModel):
     talan: bool
     dtype: str
     adapter: Literal["merged", "per_request"] | None
+    deterministic: bool  # --deterministic: outputs independent of other requests in flight
 
 
 class ModelList(BaseModel):

@@ -24,3 +24,9 @@ def test_decode_step_mass_check_on_cpu():
     # Rows 3 and 7 are TALAN-off: their state never moves; the others absorb one token.
     first = result["mass_steps_first"][0]
     assert [round(m, 4) for m in first] == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_sglang_step_check_on_cpu():
+    result = gpu_block_check.check_sglang_step("cpu")
+    assert result["ok"], result
+    assert result["max_abs_diff_graph_vs_eager"] == 0.0  # the same eager code on both sides

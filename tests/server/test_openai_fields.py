@@ -128,3 +128,22 @@ def test_tokenize_detokenize_version(server, tokenizer):
     assert version["engine"] == "vllm" and version["version"]
     assert httpx.post(f"{server.base_url}/tokenize", json={"prompt": "a"}).status_code == 401
     assert httpx.get(f"{server.base_url}/openapi.json").json()["paths"]["/tokenize"]
+
+
+def test_tokens_as_token_ids(client, tokenizer):
+    """``return_tokens_as_token_ids``: the same logprobs, each token named by its id."""
+    ids = tokenizer(REPEAT).input_ids
+    plain = greedy(client, ids)
+    named = greedy(client, ids, return_tokens_as_token_ids=True)
+    token_ids = [int(t.removeprefix("token_id:")) for t in named.logprobs.tokens]
+    assert all(t.startswith("token_id:") for t in named.logprobs.tokens)
+    assert tokenizer.decode(token_ids) == plain.text == named.text
+    assert named.logprobs.token_logprobs == plain.logprobs.token_logprobs
+    chat = client.chat.completions.create(
+        model=SERVED_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        temperature=0, logprobs=True, top_logprobs=2,
+        extra_body={"return_tokens_as_token_ids": True})
+    entries = chat.choices[0].logprobs.content
+    assert tokenizer.decode([int(e.token.removeprefix("token_id:")) for e in entries]) == \
+        chat.choices[0].message.content
+    assert all(t.token.startswith("token_id:") for e in entries for t in e.top_logprobs)

@@ -8,10 +8,7 @@ and the offline engine are shared with the other modules here (``conftest.py``).
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
 
-import h11
 import httpx
 import openai
 import pytest
@@ -22,6 +19,8 @@ from tests.server.support import (
     SERVED_NAME,
     engine_run,
     engine_text,
+    malformed_requests,
+    send_malformed,
     wait_idle,
 )
 
@@ -184,111 +183,9 @@ def test_openai_errors(server, tokenizer):
         assert c.get("/v1/completions").status_code == 405
 
 
-def _malformed() -> list[tuple[str, bytes, dict]]:
-    """(path, body, headers) that a careless or hostile client might send."""
-    cases: list[tuple[str, bytes, dict]] = []
-    json_type = {"Content-Type": "application/json"}
-
-    def add(path: str, body, headers=json_type):
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        cases.append((path, raw, headers))
-
-    comp, chat = "/v1/completions", "/v1/chat/completions"
-    for raw in (b"", b"{", b"[]", b"null", b"42", b'"text"', b"{'prompt': 'a'}",
-                b'{"prompt": "a",}', b"\xff\xfe\x00", b'{"prompt": "\xff\xfe"}',
-                b'{"prompt": "a"' + b" " * 10, b"[" * 100000 + b"]" * 100000,
-                b'{"prompt": NaN}', b'{"prompt": "a", "temperature": NaN}',
-                b'{"prompt": "a", "temperature": Infinity}',
-                b'{"prompt": "a", "max_tokens": 1e999}', b'{"prompt": "\\ud800"}'):
-        add(comp, raw)
-        add(chat, raw)
-    bad_values = {
-        "prompt": [None, 5, 1.5, True, "", [], [""], [[]], [-1], [10**12], [1.5], [[1], "a"],
-                   {"a": 1}, [[-5]], [None]],
-        "max_tokens": [-1, "ten", 10**30, 1.5, [], {}, 10**6],
-        "temperature": [-0.1, 2.5, "hot", [], 1e308],
-        "top_p": [0, -1, 1.5, "x"],
-        "top_k": [-2, 1.5, "x", 2**40],
-        "n": [0, -1, 10**9, 1.5, "2", 17],
-        "logprobs": [-1, 21, 10**9, "x", 1.5],
-        "seed": [2**64, -(2**64), "x", 1.5],
-        "stop": [5, [1, 2], [None], ["a"] * 100, {"a": 1}],
-        "stream": ["yes", 2, []],
-        "echo": ["true", 3],
-        "model": [5, [], {}],
-        "stream_options": ["x", {"include_usage": "x"}],
-        "talan": [True, "off", {"enabled": 3}, []],
-        "stop_token_ids": [[-1], "x", [2**40]],
-    }
-    shared = {"max_tokens", "prompt", "echo", "logprobs"}
-    for field, values in bad_values.items():
-        for value in values:
-            add(comp, {"prompt": "the a", "max_tokens": 2, field: value})
-            if field not in shared:  # the sampling fields are common to both endpoints
-                add(chat, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                           field: value})
-    chat_bad = {
-        "messages": [None, [], "hi", [{}], [{"role": "alien", "content": "x"}],
-                     [{"role": "user"}, 5], [{"role": "user", "content": 5}],
-                     [{"role": "user", "content": [{"type": "image", "url": "x"}]}],
-                     [{"role": "user", "content": [{"type": "text"}]}], [[1, 2]]],
-        "max_tokens": [0, -5, "x", 10**30],
-        "max_completion_tokens": [0, -1, "x"],
-        "logprobs": ["yes", 5],
-        "top_logprobs": [-1, 21, "x"],
-        "temperature": [3, "x"],
-        "n": [0, 100],
-    }
-    for field, values in chat_bad.items():
-        for value in values:
-            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-            body[field] = value
-            add(chat, body)
-    for path in ("/v1/models", "/health", "/metrics", "/v1/completions/x", "/v2/completions",
-                 "/v1/embeddings", "/v1/chat", "/"):
-        add(path, {"prompt": "a"})
-    for prompt in (True, {}, [[1, 2], [3, -1]], [[1], []], [1, "a"], ["a", 1], [[[1]]],
-                   "a" * 100_000, "\x00\x01", [2**31], [[2**31 - 1]], -3):
-        add(comp, {"prompt": prompt, "max_tokens": 2})
-    add(chat, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
-    add(comp, {"prompt": "a", "max_tokens": 0})  # 0 only with echo
-    add(comp, {"prompt": "a", "max_tokens": 600})  # beyond the context
-    add(comp, {"prompt": [[1] * 600]})
-    add(comp, {"prompt": "x" * 4000, "max_tokens": 2})
-    add(comp, {"prompt": ["a"] * 300})  # batch above the limit
-    add(comp, {"prompt": "a", "unknown_field": {"deep": [1, 2, 3]}, "max_tokens": 10**7})
-    add(comp, b"x" * (9 * 1024 * 1024))  # oversized body
-    add(comp, {"prompt": "a"}, {"Content-Type": "text/plain"} | {"X-Junk": "\x01"})
-    add(comp, b'{"prompt": "a", "max_tokens": 2}', {"Content-Type": "application/json",
-                                                     "Content-Length": "999999999"})
-    return cases
-
-
-def _raw_post(base_url: str, path: str, body: bytes, headers: dict) -> int:
-    host, port = base_url.removeprefix("http://").split(":")
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Authorization: Bearer {API_KEY}",
-             *(f"{k}: {v}" for k, v in headers.items()), "", ""]
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall("\r\n".join(lines).encode() + body)
-        status_line = sock.makefile("rb").readline().decode()
-    return int(status_line.split()[1])
-
-
 def test_malformed_requests_never_5xx(server):
-    cases = _malformed()
-    assert len(cases) >= 200
-    statuses = []
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    for path, body, extra in cases:
-        try:
-            with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as c:
-                response = c.post(path, content=body, headers=extra)
-            statuses.append((response.status_code, body[:80]))
-            if response.headers.get("content-type") == "application/json":
-                # (uvicorn itself answers unparseable HTTP with a plain-text 400)
-                assert response.status_code < 400 or "error" in response.json(), body[:80]
-        except (httpx.LocalProtocolError, h11.LocalProtocolError):  # a lying Content-Length
-            statuses.append((_raw_post(server.base_url, path, body, extra), body[:80]))
+    assert len(malformed_requests()) >= 200
+    statuses = send_malformed(server.base_url)
     server_errors = [s for s in statuses if s[0] >= 500]
     assert not server_errors, server_errors
     assert sum(1 for s, _ in statuses if 400 <= s < 500) >= 190

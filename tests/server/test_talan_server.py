@@ -81,7 +81,8 @@ def greedy(model, ids: list[int], steps: int, talan: bool) -> tuple[list[int], l
 def test_models_say_what_is_served(server):
     with server.client() as c:
         (card,) = c.get("/v1/models").json()["data"]
-    assert (card["talan"], card["adapter"], card["dtype"]) == (True, "merged", "float32")
+    assert (card["talan"], card["adapter"], card["dtype"], card["deterministic"]) == \
+        (True, "merged", "float32", True)
 
 
 @pytest.mark.parametrize("talan", [True, False])

@@ -1,0 +1,312 @@
+"""SGLang (``sglang.Engine``) behind the ``Backend`` protocol.
+
+The front end hands over token ids; SGLang's tokenizer manager (in this process) and its
+scheduler and detokenizer (child processes) schedule, batch, detokenize and compute
+logprobs. This is the front end's one SGLang module, and it uses SGLang's engine API
+(``Engine``, its tokenizer manager's requests and aborts); the TALAN plugin inside SGLang
+is ``talan_serve.plugins.sglang``. Fields SGLang has no meaning for are refused here by
+name, as the ``Backend`` protocol asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from server.backends.base import (
+    BackendConfig,
+    EngineDeadError,
+    EngineInputError,
+    GenerateOutput,
+    GenerateRequest,
+    ModelInfo,
+    PositionLogprobs,
+    SamplingOptions,
+    SequenceDelta,
+    TokenLogprob,
+    adapter_mode,
+)
+from talan_serve.switch import switch_args
+
+logger = logging.getLogger(__name__)
+
+LORA_NAME = "talan"
+# Slots of SGLang's state pool (one per running request, plus radix-cache snapshots):
+# left to SGLang, the pool takes about half of the memory left after the weights.
+STATE_SLOTS_PER_REQUEST = 4
+
+
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_kwargs(config: BackendConfig, model_path: str, lora_dir: Path | None) -> dict:
+    """``sglang.Engine`` arguments for the engine-neutral settings."""
+    if config.distributed_executor_backend not in (None, "mp"):
+        raise ValueError(f"--distributed-executor-backend {config.distributed_executor_backend} "
+                         "is vLLM's; the sglang engine starts its own processes "
+                         "(multi-node: SGLang's --nnodes/--node-rank, see its docs)")
+    cuda = _on_cuda()
+    max_running = config.max_num_seqs or (256 if cuda else 64)
+    kwargs: dict[str, Any] = dict(
+        model_path=model_path,
+        served_model_name=config.served_name,
+        dtype="float32" if config.dtype == "auto" and not cuda else config.dtype,
+        random_seed=config.seed,
+        tp_size=config.tensor_parallel_size,
+        pp_size=config.pipeline_parallel_size,
+        dp_size=config.data_parallel_size,
+        max_running_requests=max_running,
+        max_mamba_cache_size=max_running * STATE_SLOTS_PER_REQUEST,
+        # Each streamed output carries only what is new (tokens, text, logprobs).
+        incremental_streaming_output=True,
+        log_level="warning",
+    )
+    if not cuda:
+        kwargs.update(device="cpu", attention_backend="torch_native")
+        # SGLang's CPU default reserves most of the memory for the KV cache.
+        kwargs["max_total_tokens"] = (config.max_model_len or 4096) * 4
+    if config.max_model_len is not None:
+        kwargs["context_length"] = config.max_model_len
+    if config.max_num_batched_tokens is not None:
+        kwargs["chunked_prefill_size"] = config.max_num_batched_tokens
+    if config.gpu_memory_utilization is not None:
+        kwargs["mem_fraction_static"] = config.gpu_memory_utilization
+    if config.enforce_eager:
+        kwargs["disable_cuda_graph"] = True
+    if config.deterministic:
+        if cuda:
+            kwargs["enable_deterministic_inference"] = True
+        else:
+            # No batch-invariant kernels on CPU: one sequence at a time, and no radix
+            # cache (a cached prefix would change how the rest of the prompt is chunked).
+            kwargs.update(max_running_requests=1, disable_radix_cache=True)
+    if lora_dir is not None:
+        kwargs.update(enable_lora=True, lora_paths=[f"{LORA_NAME}={lora_dir}"],
+                      max_loras_per_batch=1)
+        if not cuda:
+            kwargs["lora_backend"] = "torch_native"
+    kwargs.update(config.extra_engine_args)
+    return kwargs
+
+
+def sampling_params(options: SamplingOptions, seed: int | None) -> dict[str, Any]:
+    """SGLang's sampling parameters for the engine-neutral options (TALAN switch included)."""
+    for field, unset in (("allowed_token_ids", None), ("bad_words", None)):
+        if getattr(options, field) != unset:
+            raise EngineInputError(f"'{field}' is not supported by the sglang engine")
+    params: dict[str, Any] = dict(
+        max_new_tokens=options.max_tokens,
+        min_new_tokens=options.min_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k if options.top_k > 0 else -1,
+        min_p=options.min_p,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        repetition_penalty=options.repetition_penalty,
+        stop=list(options.stop) or None,
+        stop_token_ids=list(options.stop_token_ids) or None,
+        ignore_eos=options.ignore_eos,
+        skip_special_tokens=options.skip_special_tokens,
+        spaces_between_special_tokens=options.spaces_between_special_tokens,
+        no_stop_trim=options.include_stop_str_in_output,
+        sampling_seed=seed,
+        custom_params=switch_args(options.talan_enabled),
+    )
+    if options.logit_bias:
+        params["logit_bias"] = {str(k): v for k, v in options.logit_bias.items()}
+    constraint = options.constraint
+    if constraint is not None:
+        import json
+
+        if constraint.kind == "json":
+            value = constraint.value
+            params["json_schema"] = value if isinstance(value, str) else json.dumps(value)
+        elif constraint.kind == "json_object":
+            params["json_schema"] = json.dumps({"type": "object"})
+        elif constraint.kind == "regex":
+            params["regex"] = constraint.value
+        elif constraint.kind == "choice":
+            params["regex"] = "(" + "|".join(re.escape(c) for c in constraint.value) + ")"
+        else:
+            params["ebnf"] = constraint.value
+    return params
+
+
+def _position(entries: list | None, chosen: tuple | None) -> PositionLogprobs | None:
+    """One position's logprobs from SGLang's ``(logprob, token_id, text)`` tuples."""
+    if chosen is None or chosen[0] is None:
+        return None
+    position: PositionLogprobs = {}
+    for rank, (logprob, token_id, text) in enumerate(entries or [], start=1):
+        position[token_id] = TokenLogprob(logprob, rank, text or "")
+    logprob, token_id, text = chosen
+    if token_id not in position:
+        position[token_id] = TokenLogprob(logprob, None, text or "")
+    return position
+
+
+def _logprobs(meta: dict, kind: str) -> list[PositionLogprobs | None] | None:
+    chosen = meta.get(f"{kind}_token_logprobs")
+    if chosen is None:
+        return None
+    top = meta.get(f"{kind}_top_logprobs") or [None] * len(chosen)
+    return [_position(entries, entry) for entry, entries in zip(chosen, top, strict=True)]
+
+
+class SglangBackend:
+    """``Backend`` over SGLang's ``Engine`` (scheduler and detokenizer in child processes)."""
+
+    def __init__(self, config: BackendConfig) -> None:
+        if not _on_cuda():
+            os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+        import sglang
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self._prepared = config.prepare()
+        model_path = str(self._prepared.path) if self._prepared else config.model_dir
+        lora_dir = self._prepared.lora_dir if self._prepared else None
+        self._lora = LORA_NAME if lora_dir is not None else None
+        self._engine = sglang.Engine(**engine_kwargs(config, model_path, lora_dir))
+        self._manager = self._engine.tokenizer_manager
+        model_config = self._manager.model_config
+        self.info = ModelInfo(
+            name=config.served_name,
+            max_model_len=model_config.context_len,
+            tokenizer=AutoTokenizer.from_pretrained(Path(config.model_dir)),
+            vocab_size=model_config.vocab_size,
+            talan=self._prepared is not None and self._prepared.has_talan,
+            dtype=str(model_config.dtype).removeprefix("torch."),
+            adapter=adapter_mode(self._prepared),
+            engine="sglang",
+            engine_version=sglang.__version__,
+        )
+        self._dead: str | None = None
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        options = request.sampling
+        # n samples = n requests (seeds seed, seed + 1, ...), merged in arrival order.
+        streams = [self._one(request, index) for index in range(options.n)]
+        if len(streams) == 1:
+            async for output in streams[0]:
+                yield output
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(stream) -> None:
+            try:
+                async for output in stream:
+                    await queue.put(output)
+            except BaseException as error:  # noqa: B036 - forwarded to the consumer
+                await queue.put(error)
+            await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(s)) for s in streams]
+        remaining, first, finished = len(tasks), True, 0
+        try:
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if not first:
+                    item.prompt_logprobs = None
+                first = False
+                finished += item.finished
+                item.finished = finished == len(tasks)  # the request: every sample done
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _rid(self, request: GenerateRequest, index: int) -> str:
+        return request.request_id if request.sampling.n == 1 else \
+            f"{request.request_id}-s{index}"
+
+    async def _one(self, request: GenerateRequest, index: int) -> AsyncIterator[GenerateOutput]:
+        from sglang.srt.managers.io_struct import GenerateReqInput
+
+        options = request.sampling
+        seed = None if options.seed is None else options.seed + index
+        try:
+            params = sampling_params(options, seed)
+        except (ValueError, TypeError) as error:
+            raise EngineInputError(str(error)) from error
+        top = max(options.logprobs or 0, options.prompt_logprobs or 0)
+        want_logprobs = options.logprobs is not None or options.prompt_logprobs is not None
+        obj = GenerateReqInput(
+            input_ids=request.prompt_token_ids, sampling_params=params, stream=True,
+            rid=self._rid(request, index), return_logprob=want_logprobs,
+            top_logprobs_num=top if want_logprobs else None,
+            logprob_start_len=0 if options.prompt_logprobs is not None else -1,
+            return_text_in_logprobs=True,
+            lora_path=self._lora, cache_salt=request.cache_salt,
+        )
+        ids: list[int] = []
+        text: list[str] = []
+        first = True
+        try:
+            async for out in self._manager.generate_request(obj, None):
+                meta = out["meta_info"]
+                reason = (meta.get("finish_reason") or {}).get("type")
+                delta_ids = list(out.get("output_ids") or [])
+                delta = SequenceDelta(
+                    index=index, token_ids=delta_ids, text=out.get("text") or "",
+                    logprobs=_logprobs(meta, "output") if options.logprobs is not None
+                    else None,
+                    finish_reason=reason,
+                )
+                ids += delta_ids
+                text.append(delta.text)
+                if reason == "length":
+                    delta.text += self._held_back(ids, "".join(text), options)
+                prompt = None
+                if first and options.prompt_logprobs is not None:
+                    prompt = _logprobs(meta, "input")
+                first = False
+                yield GenerateOutput(request.request_id, [delta], reason is not None, prompt)
+        except ValueError as error:  # SGLang's admission checks (sampling params, lengths)
+            raise EngineInputError(str(error)) from error
+        except (ConnectionError, EOFError, BrokenPipeError) as error:
+            self._dead = str(error) or type(error).__name__
+            raise EngineDeadError(self._dead) from error
+
+    def _held_back(self, token_ids: list[int], text: str, options: SamplingOptions) -> str:
+        """The bytes of an unfinished character a length stop leaves out of the text
+        (a full decode shows them as U+FFFD, as transformers does)."""
+        full = self.info.tokenizer.decode(
+            token_ids, skip_special_tokens=options.skip_special_tokens,
+            spaces_between_special_tokens=options.spaces_between_special_tokens)
+        return full[len(text):] if len(full) > len(text) and full.startswith(text) else ""
+
+    async def abort(self, request_id: str) -> None:
+        for rid in [request_id, *(r for r in list(self._manager.rid_to_state)
+                                  if r.startswith(f"{request_id}-s"))]:
+            self._manager.abort_request(rid)
+
+    async def health(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        for pid in self._engine.get_all_child_pids():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                self._dead = f"SGLang process {pid} is gone"
+                raise EngineDeadError(self._dead) from None
+
+    def num_unfinished(self) -> int:
+        return len(self._manager.rid_to_state)
+
+    async def shutdown(self) -> None:
+        self._engine.shutdown()

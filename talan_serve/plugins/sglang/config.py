@@ -1,0 +1,130 @@
+"""TALAN's per-request state declared to SGLang as a "linear attention" side state.
+
+The model folder is the one ``talan_serve.prepared`` writes: the host's config.json with
+``architectures: ["Talan<Host>"]`` and a ``talan`` section, which transformers loads as the
+host's config class (``Qwen3Config``). SGLang's linear-attention registry matches a config
+by class and predicate; the matched config must then expose the hybrid-pool interface
+(``full_attention_layer_ids``, ``mamba2_cache_params``, ...), as LFM2's does. The
+predicate upgrades the loaded config in place to a subclass of its own class that adds
+exactly those properties (no field changes, nothing serialised).
+
+State per request slot, in the pool's ``MambaPool``: ``conv[0]`` is the running summary
+(``TalanConfig.state_shape``, ``block.STATE_DTYPE``); ``conv[1]`` is a (1, 1) entry the
+pool's layout needs and nothing reads; the temporal (SSM) state is empty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from talan_serve.block import STATE_DTYPE
+from talan_serve.config import TalanConfig
+from talan_serve.plugins.sglang import _compat
+from talan_serve.prepared import CONFIG_KEY, talan_config_of
+
+
+def state_layer_id(config: TalanConfig) -> int:
+    """The decoder layer the state is registered under: N for ``layer_N``, 0 for the
+    embedding (the side path then runs at the entry of layer 0)."""
+    index = config.layer_index
+    return 0 if index is None else index
+
+
+class TalanHybridConfigMixin:
+    """The hybrid-pool interface for a TALAN host config (see the module docstring)."""
+
+    @property
+    def talan_config(self) -> TalanConfig:
+        return talan_config_of(self)
+
+    @property
+    def full_attention_layer_ids(self) -> list[int]:
+        return list(range(self.num_hidden_layers))
+
+    @property
+    def linear_layer_ids(self) -> list[int]:
+        return [state_layer_id(self.talan_config)]
+
+    @property
+    def mamba_chunk_size(self) -> int:
+        return 1
+
+    @property
+    def mamba2_cache_params(self):
+        from sglang.srt.configs.mamba_utils import (
+            Mamba2CacheParams,
+            Mamba2StateDType,
+            Mamba2StateShape,
+        )
+
+        shape = self.talan_config.state_shape
+        width = shape[1]
+        return Mamba2CacheParams(
+            shape=Mamba2StateShape(
+                conv=[shape, (1, 1)], temporal=(1, 1, 0), disable_conv_window_dedup=True,
+                intermediate_size=width, conv_dim=width, ssm_state_size=0, num_heads=1,
+                head_dim=1, state_size=0, conv_kernel=2),
+            layers=self.linear_layer_ids,
+            # The pool would otherwise default to SGLANG_MAMBA_CONV_DTYPE (bf16).
+            dtype=Mamba2StateDType(conv=STATE_DTYPE, temporal=STATE_DTYPE),
+        )
+
+
+_UPGRADED: dict[type, type] = {}
+
+
+def _upgraded_class(cls: type) -> type:
+    if issubclass(cls, TalanHybridConfigMixin):
+        return cls
+    if cls not in _UPGRADED:
+        name = f"Talan{cls.__name__}"
+        _UPGRADED[cls] = type(name, (TalanHybridConfigMixin, cls), {"__module__": __name__})
+        globals()[name] = _UPGRADED[cls]  # importable by name (pickle)
+    return _UPGRADED[cls]
+
+
+def is_talan_config(config: Any) -> bool:
+    """The linear-attention registry's predicate; upgrades a TALAN config in place."""
+    archs = getattr(config, "architectures", None) or []
+    if not archs or archs[0] not in _compat.TALAN_ARCHITECTURES:
+        return False
+    if getattr(config, CONFIG_KEY, None) is None:
+        return False
+    config.__class__ = _upgraded_class(type(config))
+    return True
+
+
+def upgraded(config: Any) -> Any:
+    if not is_talan_config(config):
+        raise ValueError("talan-serve: not a TALAN model config: "
+                         f"{getattr(config, 'architectures', None)}")
+    return config
+
+
+def register_state_spec() -> None:
+    from transformers import PretrainedConfig
+
+    specs = _compat.resolve("linear_attn_specs")
+    if any(s.backend_class_name == _compat.STATE_BACKEND_CLASS for s in specs):
+        return
+    _compat.resolve("linear_attn_registry")(_compat.resolve("linear_attn_spec")(
+        config_class=PretrainedConfig,
+        backend_class_name=_compat.STATE_BACKEND_CLASS,
+        hybrid_backend_class_name=_compat.HYBRID_BACKEND_CLASS,
+        arch_names=list(_compat.TALAN_ARCHITECTURES),
+        uses_mamba_radix_cache=True,
+        support_mamba_cache=True,
+        support_mamba_cache_extra_buffer=False,
+        config_predicate=is_talan_config,
+    ))
+
+
+def __getattr__(name: str):
+    # Unpickling an upgraded config in a process where it was not built yet.
+    if name.startswith("Talan") and name.endswith("Config"):
+        import transformers
+
+        base = getattr(transformers, name[len("Talan"):], None)
+        if base is not None:
+            return _upgraded_class(base)
+    raise AttributeError(name)

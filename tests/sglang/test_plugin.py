@@ -1,0 +1,127 @@
+"""The SGLang plugin without an engine: the SGLang surface it relies on, its entry point and
+hooks, the state declared to SGLang's pool, the refusals, and the switch read the same on
+both sides of the seam."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+
+def test_sglang_surface():
+    """Fails loudly when an SGLang upgrade moves a name the plugin uses (_compat.py)."""
+    from talan_serve.plugins.sglang import _compat
+    from talan_serve.prepared import TALAN_HOSTS
+
+    assert _compat.sglang_version() in _compat.TARGET_SGLANG_VERSIONS
+    for key in _compat.SYMBOLS:
+        assert _compat.resolve(key) is not None, key
+    assert set(_compat.HOST_MODULES) == set(TALAN_HOSTS)
+    for host, module in _compat.HOST_MODULES.items():
+        assert hasattr(__import__(module, fromlist=[host]), host)
+
+
+def test_entry_point_registers_the_plugin_and_its_hooks():
+    from importlib.metadata import entry_points
+
+    from sglang.srt.plugins import load_plugins
+
+    from talan_serve.plugins.sglang import _compat
+    from talan_serve.plugins.sglang.switch import hooks_applied
+
+    plugins = {e.name: e.value for e in entry_points(group="sglang.srt.plugins")}
+    assert plugins["talan"] == "talan_serve.plugins.sglang:register"
+    load_plugins()  # what every SGLang process does: run the plugins, then apply hooks
+    assert hooks_applied() == {"sampling_verify": True, "req_init": True,
+                               "forward_batch_init_new": True}
+    assert hasattr(_compat.resolve("check_server_args"), "__wrapped__")
+    specs = _compat.resolve("linear_attn_specs")
+    (spec,) = [s for s in specs if s.backend_class_name == _compat.STATE_BACKEND_CLASS]
+    assert set(spec.arch_names) == set(_compat.TALAN_ARCHITECTURES)
+    from talan_serve.plugins.sglang.models import talan
+
+    assert [c.__name__ for c in talan.EntryClass] == _compat.TALAN_ARCHITECTURES
+
+
+def test_state_declared_to_the_pool(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoConfig
+
+    from talan_serve.plugins.sglang.config import is_talan_config
+    from talan_serve.prepared import prepare_model_dir
+    from talan_serve.testing import build_tiny_checkpoint
+
+    host = tiny_model("qwen3")
+    checkpoint = build_tiny_checkpoint(host, tmp_path / "ck", n_themes=5,
+                                       connection_point="layer_2")
+    folder = prepare_model_dir(checkpoint, tmp_path / "served", base_model_dir=host).path
+    config = AutoConfig.from_pretrained(folder)
+    assert is_talan_config(config)
+    params = config.mamba2_cache_params
+    assert params.shape.conv[0] == (5, 129) == config.talan_config.state_shape
+    assert params.dtype.conv == torch.float32 and params.layers == [2]
+    assert config.full_attention_layer_ids == [0, 1, 2, 3]
+    assert not is_talan_config(AutoConfig.from_pretrained(host))  # the plain host
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("speculative_algorithm", "EAGLE"), ("enable_dp_attention", True),
+    ("enable_two_batch_overlap", True), ("mamba_radix_cache_strategy", "extra_buffer"),
+    ("disaggregation_mode", "prefill"),
+])
+def test_refusals_name_what_would_break_the_state(field, value):
+    from talan_serve.plugins.sglang.guards import _raise_for, problems
+
+    view = SimpleNamespace(**{field: value})
+    found = problems(view)
+    assert len(found) == 1
+    with pytest.raises(ValueError, match="not supported for TALAN models|do not support"):
+        _raise_for(found)
+    assert problems(SimpleNamespace()) == []
+
+
+MISSING = object()
+SWITCH_TABLE = [
+    (MISSING, True), (None, True), ({}, True), ({"enabled": True}, True),
+    ({"enabled": False}, False),
+    ({"enabled": "no"}, "refused"), ({"on": True}, "refused"), ("off", "refused"),
+    ([], "refused"), ({"enabled": False, "why": "x"}, "refused"),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), SWITCH_TABLE)
+def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
+    """The server's SGLang backend, the plugin's admission check and the radix-cache key
+    agree on every value (the vLLM side has the same table)."""
+    from server.backends.base import ModelInfo
+    from server.backends.sglang import sampling_params
+    from server.errors import APIError
+    from server.http import parse
+    from server.sampling import sampling_options
+    from server.schemas import CompletionRequest
+    from talan_serve.plugins.sglang.switch import OFF_MARKER, _after_req_init, request_enabled
+    from talan_serve.switch import SwitchError
+
+    def answer(call):
+        try:
+            return call()
+        except (APIError, SwitchError):
+            return "refused"
+
+    direct = SimpleNamespace(custom_params=None if value is MISSING else {"talan": value})
+
+    def cache_key():
+        req = SimpleNamespace(sampling_params=direct, extra_key=None)
+        _after_req_init(None, req)
+        return req.extra_key != OFF_MARKER
+
+    assert answer(lambda: request_enabled(direct)) == answer(cache_key) == expected
+    body = {"prompt": "a"} if value is MISSING else {"prompt": "a", "talan": value}
+    info = ModelInfo("m", 64, None, 100, True, "float32")
+    server = answer(lambda: sampling_options(parse(CompletionRequest, body), info, 4, None))
+    if expected == "refused":
+        assert server == "refused"
+        return
+    built = SimpleNamespace(custom_params=sampling_params(server, None)["custom_params"])
+    assert request_enabled(built) is expected
