@@ -198,15 +198,19 @@ def write(args: argparse.Namespace, runs: dict[str, list[float]], info: dict) ->
             summary.append(dict(mode=f"served {dtype} / {args.dtypes[0]}", batch=batch,
                                 ratio=ratio))
             lines.append(f"| {batch} | {ratio:.2f}x |")
+    write_outputs(args.output, lines, {"args": vars(args), "summary": summary, "runs": runs,
+                                       "servers": info})
+
+
+def write_outputs(output: str | None, lines: list[str], record: dict) -> None:
+    """Print the Markdown table; with ``output``, write it and the record beside it."""
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.output:
-        out = Path(args.output)
+    if output:
+        out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.parent.joinpath(f"{out.name}.md").write_text(text)
-        out.parent.joinpath(f"{out.name}.json").write_text(json.dumps(
-            {"args": vars(args), "summary": summary, "runs": runs, "servers": info},
-            indent=2) + "\n")
+        out.parent.joinpath(f"{out.name}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hf_vs_served import REPO, TALAN, chat_prompts, paired, served_run  # noqa: E402
+from bench_hf_vs_served import (  # noqa: E402
+    REPO,
+    TALAN,
+    chat_prompts,
+    paired,
+    served_run,
+    write_outputs,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,15 +114,8 @@ def write(args: argparse.Namespace, runs: dict[str, list[float]], info: dict) ->
         lines.append(f"| {batch} | {summary[-1]['on_tok_s']:.1f} | "
                      f"{summary[-1]['off_tok_s']:.1f} | **{slowdown:.3f}x** | "
                      f"{min(singles):.3f}-{max(singles):.3f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.parent.joinpath(f"{out.name}.md").write_text(text)
-        out.parent.joinpath(f"{out.name}.json").write_text(json.dumps(
-            {"args": vars(args), "summary": summary, "runs": runs, "server": info},
-            indent=2) + "\n")
+    write_outputs(args.output, lines, {"args": vars(args), "summary": summary, "runs": runs,
+                                       "server": info})
 
 
 if __name__ == "__main__":

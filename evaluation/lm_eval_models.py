@@ -27,21 +27,22 @@ def _switch(value: str | bool | None) -> dict[str, Any]:
     return {} if enabled is None else switch_args(enabled)
 
 
-@register_model("talan-completions")
-class TalanCompletions(LocalCompletionsAPI):
+class _TalanSwitch:
+    """The ``talan`` model argument, added to every request body."""
+
     def __init__(self, talan: str | bool | None = "default", **kwargs: Any) -> None:
         self.talan_args = _switch(talan)
         super().__init__(**kwargs)
 
     def _create_payload(self, *args: Any, **kwargs: Any) -> dict:
         return {**super()._create_payload(*args, **kwargs), **self.talan_args}
+
+
+@register_model("talan-completions")
+class TalanCompletions(_TalanSwitch, LocalCompletionsAPI):
+    pass
 
 
 @register_model("talan-chat-completions")
-class TalanChatCompletions(LocalChatCompletion):
-    def __init__(self, talan: str | bool | None = "default", **kwargs: Any) -> None:
-        self.talan_args = _switch(talan)
-        super().__init__(**kwargs)
-
-    def _create_payload(self, *args: Any, **kwargs: Any) -> dict:
-        return {**super()._create_payload(*args, **kwargs), **self.talan_args}
+class TalanChatCompletions(_TalanSwitch, LocalChatCompletion):
+    pass

@@ -63,6 +63,19 @@ class BackendConfig:
                               base_model_dir=self.model_dir, merge_lora=self.merge_lora)
 
 
+def held_back_text(tokenizer: Any, token_ids: list[int], text: str, options: Any) -> str:
+    """Text an engine's incremental detokenizer still holds when a sequence hits its length.
+
+    It waits for the rest of a multi-byte character that will never come; a full decode
+    (what transformers and lm-eval's hf backend return) shows those bytes as U+FFFD. Not
+    for a stop string, whose text the engine deliberately cut. ``options``: anything with
+    ``skip_special_tokens`` and ``spaces_between_special_tokens``.
+    """
+    full = tokenizer.decode(token_ids, skip_special_tokens=options.skip_special_tokens,
+                            spaces_between_special_tokens=options.spaces_between_special_tokens)
+    return full[len(text):] if len(full) > len(text) and full.startswith(text) else ""
+
+
 def adapter_mode(prepared: PreparedModel | None) -> str | None:
     """How a checkpoint's LoRA is served: merged into the weights, per request, or none."""
     if prepared is None or (prepared.lora_dir is None and not prepared.merged):

@@ -30,6 +30,7 @@ from server.backends.base import (
     SequenceDelta,
     TokenLogprob,
     adapter_mode,
+    held_back_text,
 )
 from talan_serve.switch import switch_args
 
@@ -270,7 +271,7 @@ class SglangBackend:
                 ids += delta_ids
                 text.append(delta.text)
                 if reason == "length":
-                    delta.text += self._held_back(ids, "".join(text), options)
+                    delta.text += held_back_text(self.info.tokenizer, ids, "".join(text), options)
                 prompt = None
                 if first and options.prompt_logprobs is not None:
                     prompt = _logprobs(meta, "input")
@@ -281,14 +282,6 @@ class SglangBackend:
         except (ConnectionError, EOFError, BrokenPipeError) as error:
             self._dead = str(error) or type(error).__name__
             raise EngineDeadError(self._dead) from error
-
-    def _held_back(self, token_ids: list[int], text: str, options: SamplingOptions) -> str:
-        """The bytes of an unfinished character a length stop leaves out of the text
-        (a full decode shows them as U+FFFD, as transformers does)."""
-        full = self.info.tokenizer.decode(
-            token_ids, skip_special_tokens=options.skip_special_tokens,
-            spaces_between_special_tokens=options.spaces_between_special_tokens)
-        return full[len(text):] if len(full) > len(text) and full.startswith(text) else ""
 
     async def abort(self, request_id: str) -> None:
         for rid in [request_id, *(r for r in list(self._manager.rid_to_state)

@@ -25,6 +25,7 @@ from server.backends.base import (
     SequenceDelta,
     TokenLogprob,
     adapter_mode,
+    held_back_text,
 )
 from talan_serve.plugins.vllm import lora_request, max_lora_rank
 from talan_serve.prepared import PreparedModel
@@ -200,7 +201,8 @@ class VllmBackend:
                     ids.extend(delta.token_ids)
                     texts.append(delta.text)
                     if delta.finish_reason == "length":
-                        delta.text += self._held_back(ids, "".join(texts), params)
+                        delta.text += held_back_text(self.info.tokenizer, ids, "".join(texts),
+                                                     params)
                     sequences.append(delta)
                 prompt_logprobs = None
                 if first and out.prompt_logprobs is not None:
@@ -211,18 +213,6 @@ class VllmBackend:
             raise EngineDeadError(str(error)) from error
         except (VLLMValidationError, ValueError) as error:
             raise EngineInputError(str(error)) from error
-
-    def _held_back(self, token_ids: list[int], text: str, params: Any) -> str:
-        """Text vLLM's incremental detokenizer still holds when a sequence hits its length.
-
-        It waits for the rest of a multi-byte character that will never come; a full
-        decode (what transformers and lm-eval's hf backend return) shows those bytes
-        as U+FFFD. Not used after a stop string, whose text vLLM deliberately cut.
-        """
-        full = self.info.tokenizer.decode(
-            token_ids, skip_special_tokens=params.skip_special_tokens,
-            spaces_between_special_tokens=params.spaces_between_special_tokens)
-        return full[len(text):] if len(full) > len(text) and full.startswith(text) else ""
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
