@@ -81,19 +81,25 @@ class Point:
 DETOKENIZE = True
 
 
-def _run(llm, prompts, max_tokens: int, talan: bool, lora_request) -> tuple[float, list[float]]:
-    """One batch through the engine: total wall time and the time of each step."""
+def _run(llm, prompts, max_tokens: int, talan: bool, lora_request,
+         routes: list[tuple[dict, Any]] | None = None) -> tuple[float, list[float]]:
+    """One batch through the engine: total wall time and the time of each step.
+
+    ``routes``: each prompt's own (switch arguments, LoRA request), overriding ``talan``
+    and ``lora_request`` (a server of many adapters)."""
     from vllm import SamplingParams
 
     from talan_serve.switch import switch_args
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                            detokenize=DETOKENIZE, extra_args=switch_args(talan))
+    if routes is None:
+        routes = [(switch_args(talan), lora_request)] * len(prompts)
     engine = llm.llm_engine
     start = time.perf_counter()
-    for prompt in prompts:
+    for prompt, (switch, lora) in zip(prompts, routes, strict=True):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                detokenize=DETOKENIZE, extra_args=switch)
         engine.add_request(f"bench-{next(_REQUEST_IDS)}", {"prompt_token_ids": prompt}, params,
-                           lora_request=lora_request)
+                           lora_request=lora)
     steps, lengths = [], []
     while engine.has_unfinished_requests():
         step_start = time.perf_counter()
@@ -115,15 +121,17 @@ def measure(llm, mode: Mode, prompts, decode_tokens: int, repeats: int, lora_req
 
 
 def measure_interleaved(engines: dict, modes: list[Mode], prompts, decode_tokens: int,
-                        repeats: int, lora_request) -> list[Point]:
+                        repeats: int, lora_request,
+                        routes: dict[str, list[tuple[dict, Any]]] | None = None) -> list[Point]:
     """Timings of each mode, the modes taking turns within each repeat.
 
     Taking turns spreads any background load over all modes alike, so the ratios stay
-    meaningful on a shared machine.
+    meaningful on a shared machine. ``routes``: per-prompt routes of a mode (``_run``).
     """
     def run(mode: Mode, max_tokens: int) -> tuple[float, list[float]]:
         lora = lora_request if mode.lora else None
-        return _run(engines[mode.engine], prompts, max_tokens, mode.talan, lora)
+        return _run(engines[mode.engine], prompts, max_tokens, mode.talan, lora,
+                    (routes or {}).get(mode.name))
 
     for mode in modes:
         run(mode, 2)  # warm-up (LoRA load, graph shapes)
@@ -172,11 +180,15 @@ SAME_ENGINE_RATIOS = (
 )
 
 
-def ratios(points: list[Point], same_engine: bool = True) -> list[dict[str, Any]]:
-    """Slowdown factors (>1: slower than the baseline), per batch, e2e and decode."""
+def ratios(points: list[Point], same_engine: bool = True,
+           comparisons: tuple[tuple[str, str, str], ...] | None = None) -> list[dict[str, Any]]:
+    """Slowdown factors (>1: slower than the baseline), per batch, e2e and decode;
+    ``comparisons``: (label, mode, baseline) rows instead of the TALAN/LoRA ones."""
     table = {(p.mode, p.batch): p for p in points}
     rows = []
-    for label, mode, baseline in (SAME_ENGINE_RATIOS if same_engine else ()) + RATIOS:
+    if comparisons is None:
+        comparisons = (SAME_ENGINE_RATIOS if same_engine else ()) + RATIOS
+    for label, mode, baseline in comparisons:
         for batch in sorted({p.batch for p in points}):
             if (mode, batch) not in table or (baseline, batch) not in table:
                 continue
@@ -193,9 +205,10 @@ def ratios(points: list[Point], same_engine: bool = True) -> list[dict[str, Any]
 
 
 def write_results(out: Path, meta: dict[str, Any], points: list[Point],
-                  same_engine: bool = True) -> None:
+                  same_engine: bool = True,
+                  comparisons: tuple[tuple[str, str, str], ...] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = ratios(points, same_engine)
+    rows = ratios(points, same_engine, comparisons)
     record = dict(meta=meta, points=[asdict(p) for p in points], ratios=rows)
     # Not with_suffix: a name like vllm_cpu_qwen3-0.6b already has a "suffix" (.6b).
     out.parent.joinpath(f"{out.name}.json").write_text(json.dumps(record, indent=2) + "\n")

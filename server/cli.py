@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.backends import BACKENDS
@@ -28,6 +28,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge the checkpoint's LoRA into the weights at load, so that only "
                         "TALAN runs per token (default); --no-merge-lora serves it per "
                         "request through the engine's multi-LoRA path (DoRA: always merged)")
+    p.add_argument("--adapters", nargs="+", default=None, metavar="NAME=CKPT",
+                   help="serve many TALAN(+LoRA) checkpoints on --model's base model, each "
+                        "chosen by its NAME in a request's 'model' (vLLM engine); "
+                        "--model's own checkpoint, if it is one, is served beside them")
+    p.add_argument("--max-adapters", type=int, default=8,
+                   help="adapters loaded at once (and LoRAs in one batch) on a server of many")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="largest LoRA rank an adapter may have (default: the largest given "
+                        "with --adapters)")
+    p.add_argument("--max-talan-slots", type=int, default=None,
+                   help="state slots per request: the largest T an adapter may have "
+                        "(default: the largest given with --adapters)")
+    p.add_argument("--talan-connection-points", nargs="+", default=(), metavar="POINT",
+                   help="connection points (embedding, layer_N) to run side paths at, beyond "
+                        "those of the adapters given at start; with none given, this alone "
+                        "makes a server of many adapters, all loaded at run time")
+    p.add_argument("--allowed-adapter-dirs", nargs="+", default=(), metavar="DIR",
+                   help="directories from which POST /v1/load_lora_adapter may load "
+                        "checkpoints (default: none; loading at run time is off)")
     p.add_argument("--engine", default="vllm", choices=BACKENDS)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -87,16 +106,45 @@ class Plan:
     served_name: str
     model_dir: str
     checkpoint: str | None
+    # A server of many adapters: name -> checkpoint (``served_name`` is the base model).
+    adapters: dict[str, str] = field(default_factory=dict)
+
+
+class PlanError(ValueError):
+    """Arguments that do not make a server (reported, exit status 2)."""
 
 
 def resolve(args: argparse.Namespace) -> Plan:
+    from talan_serve.checkpoint import read_manifest
     from talan_serve.registry import DEFAULT_MODEL, resolve_model
 
     name = args.model or DEFAULT_MODEL
     resolved = resolve_model(name, args.checkpoint_root)
     checkpoint = args.talan or (str(resolved.checkpoint) if resolved.checkpoint else None)
     served = args.served_model_name or name
-    return Plan(served, str(resolved.base_model), checkpoint)
+    if not args.adapters and not args.talan_connection_points:
+        return Plan(served, str(resolved.base_model), checkpoint)
+    if args.engine != "vllm":
+        raise PlanError(f"--adapters: the {args.engine} engine serves one checkpoint; many "
+                        "adapters on one base model are served with --engine vllm")
+    if args.talan:
+        raise PlanError("--talan with --adapters: give that checkpoint as NAME=CKPT")
+    adapters: dict[str, str] = {}
+    base_name = served
+    if checkpoint is not None:
+        # --model is a checkpoint: served beside the others, under its own name.
+        adapters[served] = checkpoint
+        base_name = read_manifest(checkpoint)["base_model"]
+    for item in args.adapters or ():
+        adapter, sep, path = item.partition("=")
+        if not sep or not adapter or not path:
+            raise PlanError(f"--adapters {item!r}: expected NAME=CKPT")
+        if adapter in adapters or adapter == base_name:
+            raise PlanError(f"--adapters: the name {adapter!r} is used twice")
+        if not Path(path).is_dir():
+            raise PlanError(f"--adapters {item!r}: no such checkpoint directory")
+        adapters[adapter] = path
+    return Plan(base_name, str(resolved.base_model), None, adapters)
 
 
 def _cpu_defaults(args: argparse.Namespace) -> None:
@@ -164,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         plan = resolve(args)
-    except (MissingCheckpointError, UnknownModelError) as error:
+    except (MissingCheckpointError, UnknownModelError, PlanError) as error:
         print(f"talan-serve: {error}", file=sys.stderr)
         return 2
     if args.talan is not None and not Path(args.talan).is_dir():
@@ -183,7 +231,8 @@ def serve(args: argparse.Namespace, plan: Plan) -> int:
     from server.state import ServerSettings
 
     logger.info("serving %s (model %s, TALAN %s) with %s", plan.served_name, plan.model_dir,
-                plan.checkpoint or "none", args.engine)
+                plan.checkpoint or (f"adapters {', '.join(plan.adapters)}" if plan.adapters
+                                    else "none"), args.engine)
     backend = make_backend(
         args.engine, model_dir=plan.model_dir, served_name=plan.served_name,
         talan_checkpoint=plan.checkpoint, merge_lora=args.merge_lora,
@@ -196,6 +245,9 @@ def serve(args: argparse.Namespace, plan: Plan) -> int:
         distributed_executor_backend=args.distributed_executor_backend,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
+        adapters=plan.adapters, max_adapters=args.max_adapters,
+        max_lora_rank=args.max_lora_rank, talan_state_slots=args.max_talan_slots,
+        talan_connection_points=tuple(args.talan_connection_points),
     )
     info = backend.info
     logger.info("serving %s in %s: TALAN %s, LoRA %s", info.name, info.dtype,
@@ -204,7 +256,8 @@ def serve(args: argparse.Namespace, plan: Plan) -> int:
                  "per_request": "served per request"}.get(info.adapter, "none"))
     settings = ServerSettings(api_key=args.api_key, max_queued_requests=args.max_queued_requests,
                               max_body_bytes=args.max_body_bytes,
-                              deterministic=args.deterministic, tool_parser=args.tool_call_parser)
+                              deterministic=args.deterministic, tool_parser=args.tool_call_parser,
+                              adapter_dirs=tuple(Path(d) for d in args.allowed_adapter_dirs))
     server = None
 
     def stop_on_engine_death() -> None:

@@ -45,7 +45,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
                                 prompt_logprobs)
     run = Run(state.backend, state.admission, state.metrics, "completions",
               [p.token_ids for p in prompts], sampling, cache_salt=body.cache_salt,
-              stream=body.stream)
+              stream=body.stream, model=state.adapter_name(body.model))
     created = int(time.time())
     response_id = f"cmpl-{body.request_id or run.request_id}"
     tokenizer = info.tokenizer
@@ -92,7 +92,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         state.metrics.latency.labels("completions").observe(time.monotonic() - run.start)
         result = {
             "id": response_id, "object": "text_completion", "created": created,
-            "model": info.name,
+            "model": run.model_name,
             "choices": [
                 {"index": i, "text": "".join(c.text),
                  "logprobs": c.logprobs.dump() if c.logprobs is not None else None,
@@ -115,7 +115,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         def chunk(index: int, text: str, choice: _Choice, finish: str | None) -> str:
             logprobs = choice.logprobs.take() if choice.logprobs is not None else None
             event = {"id": response_id, "object": "text_completion", "created": created,
-                     "model": info.name,
+                     "model": run.model_name,
                      "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                   "finish_reason": finish}]}
             if continuous:
@@ -148,7 +148,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         else:
             if include_usage:
                 yield sse({"id": response_id, "object": "text_completion", "created": created,
-                           "model": info.name, "choices": [], "usage": usage(choices)})
+                           "model": run.model_name, "choices": [], "usage": usage(choices)})
             state.metrics.latency.labels("completions").observe(time.monotonic() - run.start)
         yield DONE
 

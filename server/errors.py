@@ -71,3 +71,7 @@ def _is_branch_tag(part: object) -> bool:
 def unsupported(field: str) -> APIError:
     return bad_request(f"'{field}' is not supported by this server", param=field,
                        code="unsupported_parameter")
+
+
+def model_not_found(message: str) -> APIError:
+    return APIError(404, message, type="not_found_error", param="model", code="model_not_found")

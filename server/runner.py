@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from server.adapters import ModelNotFoundError
 from server.backends.base import (
     Backend,
     EngineDeadError,
@@ -16,7 +17,7 @@ from server.backends.base import (
     GenerateRequest,
     SamplingOptions,
 )
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, model_not_found
 from server.metrics import Metrics
 
 
@@ -60,12 +61,18 @@ class Run:
     sampling: SamplingOptions
     cache_salt: str | None = None
     stream: bool = True
+    model: str | None = None  # the request's ``model`` (which adapter, on a server of many)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     start: float = field(default_factory=time.monotonic)
     finished: set[int] = field(default_factory=set)
     aborted: bool = False
     _got_first: bool = False
     _released: bool = False
+
+    @property
+    def model_name(self) -> str:
+        """The ``model`` a response names: the one asked for, else the server's own."""
+        return self.model or self.backend.info.name
 
     def engine_id(self, index: int) -> str:
         return f"{self.request_id}-{index}"
@@ -107,7 +114,7 @@ class Run:
 
     def _request(self, index: int) -> GenerateRequest:
         return GenerateRequest(self.engine_id(index), self.prompts[index], self.sampling,
-                               self.cache_salt, self.stream)
+                               self.cache_salt, self.stream, self.model)
 
     async def outputs(self) -> AsyncIterator[tuple[int, GenerateOutput]]:
         try:
@@ -127,6 +134,9 @@ class Run:
         except EngineInputError as error:
             await self._stop("error")
             raise bad_request(str(error)) from error
+        except ModelNotFoundError as error:  # an adapter unloaded since admission
+            await self._stop("error")
+            raise model_not_found(str(error)) from error
         except EngineDeadError as error:
             await self._stop("error")
             raise APIError(503, f"engine unavailable: {error}", type="service_unavailable",

@@ -22,7 +22,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from talan_serve.switch import parse_switch
+from talan_serve.switch import SwitchError, parse_switch
 
 # JSON numbers that Python would accept but no engine should see (NaN, inf, 2**100).
 Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
@@ -41,6 +41,9 @@ class _Request(BaseModel):
 
 def _check_switch(value: Any) -> Any:
     parse_switch(value)  # the one parser the engine plugins use (a SwitchError is a 400)
+    if isinstance(value, dict) and "adapter" in value:
+        # The engine-side field; over HTTP the ``model`` field chooses the adapter.
+        raise SwitchError('"talan.adapter" is not a request field: name the adapter in "model"')
     return value
 
 
@@ -321,6 +324,8 @@ class ModelCard(BaseModel):
     dtype: str
     adapter: Literal["merged", "per_request"] | None
     deterministic: bool  # --deterministic: outputs independent of other requests in flight
+    root: str | None = None  # as vLLM: the model's name, or an adapter's checkpoint path
+    parent: str | None = None  # an adapter's base model
 
 
 class ModelList(BaseModel):

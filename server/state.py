@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.backends.base import Backend
 from server.metrics import Metrics
 from server.runner import Admission
 from server.tools import parser_for
+
+if TYPE_CHECKING:
+    from server.adapters import AdapterRegistry
 
 
 @dataclass
@@ -18,6 +23,8 @@ class ServerSettings:
     served_names: tuple[str, ...] = ()  # extra names accepted in the `model` field
     deterministic: bool = False
     tool_parser: str | None = None  # "auto": from the chat template; "none": no parsing
+    # Where adapters may be loaded from at run time; empty: loading at run time is off.
+    adapter_dirs: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -39,5 +46,16 @@ class ServerState:
             return parser_for(getattr(self.backend.info.tokenizer, "chat_template", None))
         return None if chosen == "none" else chosen
 
+    @property
+    def registry(self) -> AdapterRegistry | None:
+        """The named adapters, on a server of many (``server.adapters``); else None."""
+        return getattr(self.backend, "registry", None)
+
+    def adapter_name(self, name: str | None) -> str | None:
+        """``name`` if it names a served adapter (what the engine routes by), else None."""
+        registry = self.registry
+        return name if registry is not None and registry.get(name) is not None else None
+
     def accepts_model(self, name: str | None) -> bool:
-        return name is None or name == self.backend.info.name or name in self.settings.served_names
+        return (name is None or name == self.backend.info.name
+                or name in self.settings.served_names or self.adapter_name(name) is not None)

@@ -28,6 +28,29 @@ class TalanConfigError(ValueError):
     """A TALAN config that cannot describe a block (bad field value or unknown field)."""
 
 
+def connection_layer(point: str) -> int | None:
+    """The decoder layer whose output a connection point rewrites; None: the embedding."""
+    if point == "embedding":
+        return None
+    match = _LAYER_POINT.match(str(point))
+    if match is None:
+        raise TalanConfigError(
+            f"TalanConfig: bad connection_point {point!r}; "
+            "expected 'embedding' or 'layer_N' (N a 0-indexed decoder layer)"
+        )
+    return int(match.group(1))
+
+
+def check_connection(point: str, num_layers: int) -> None:
+    """Raise if ``point`` is not a place in a host of ``num_layers`` decoder layers."""
+    layer = connection_layer(point)
+    if layer is not None and layer >= num_layers:
+        raise TalanConfigError(
+            f"TALAN connection_point {point!r} does not fit the host model, which has "
+            f"{num_layers} decoder layers (layer_0..layer_{num_layers - 1})"
+        )
+
+
 @dataclass
 class TalanConfig:
     """Configuration of one TALAN block.
@@ -116,15 +139,7 @@ class TalanConfig:
     @property
     def layer_index(self) -> int | None:
         """Decoder layer whose output TALAN rewrites; None for the embedding."""
-        if self.connection_point == "embedding":
-            return None
-        match = _LAYER_POINT.match(str(self.connection_point))
-        if match is None:
-            raise TalanConfigError(
-                f"TalanConfig: bad connection_point {self.connection_point!r}; "
-                "expected 'embedding' or 'layer_N' (N a 0-indexed decoder layer)"
-            )
-        return int(match.group(1))
+        return connection_layer(self.connection_point)
 
     @property
     def state_shape(self) -> tuple[int, int]:
@@ -146,12 +161,7 @@ class TalanConfig:
                 f"TALAN hidden_size {self.hidden_size} does not fit the host model, "
                 f"whose hidden size is {hidden_size}"
             )
-        layer = self.layer_index
-        if layer is not None and layer >= num_layers:
-            raise TalanConfigError(
-                f"TALAN connection_point {self.connection_point!r} does not fit the host "
-                f"model, which has {num_layers} decoder layers (layer_0..layer_{num_layers - 1})"
-            )
+        check_connection(self.connection_point, num_layers)
 
     # --- JSON -----------------------------------------------------------------------------
 

@@ -31,12 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from talan_serve.adapters import AdapterSetSpec
 from talan_serve.checkpoint import ADAPTER_FILES, WEIGHTS_NAME, TalanCheckpoint, load_checkpoint
 from talan_serve.config import CONFIG_NAME, TalanConfig
 
 # Host architectures (HF class names) that have a TALAN twin in every engine plugin.
 TALAN_HOSTS = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 CONFIG_KEY = "talan"  # the TALAN section of a prepared folder's config.json
+# A base model prepared for many adapters, loaded at run time, has this section instead.
+ADAPTERS_KEY = "talan_adapters"
 SIDE_DIR = "talan"  # where the TALAN side lives, out of reach of the engines' weight globs
 LORA_DIR = "lora"
 RECORD_NAME = "prepared.json"
@@ -50,22 +53,51 @@ def talan_weights_path(model_dir: str | Path) -> Path:
     return Path(model_dir) / SIDE_DIR / WEIGHTS_NAME
 
 
+def _section(hf_config: Any, key: str) -> Any:
+    return hf_config.get(key) if isinstance(hf_config, Mapping) else getattr(hf_config, key, None)
+
+
 def talan_config_of(hf_config: Any) -> TalanConfig:
-    """The TALAN config of a prepared folder, from its HF config (object or dict)."""
-    record = (hf_config.get(CONFIG_KEY) if isinstance(hf_config, Mapping)
-              else getattr(hf_config, CONFIG_KEY, None))
+    """The TALAN config of a prepared checkpoint folder, from its HF config (object or dict)."""
+    config = checkpoint_config_of(hf_config)
+    if config is None:
+        raise ValueError("talan-serve: this folder is a base model for TALAN adapters loaded "
+                         "at run time, not one checkpoint; only the vLLM engine serves it")
+    return config
+
+
+def checkpoint_config_of(hf_config: Any) -> TalanConfig | None:
+    """The one checkpoint's TALAN config; None for a base prepared for many adapters.
+
+    Raises unless the folder is one or the other."""
+    record = _section(hf_config, CONFIG_KEY)
     if record is None:
-        raise ValueError(
-            "talan-serve: this model's config.json has no 'talan' section; build the "
-            "model folder with talan_serve.prepared.prepare_model_dir"
-        )
+        adapter_set_spec_of(hf_config)
+        return None
     if isinstance(record, TalanConfig):
         return record
     return TalanConfig.from_dict(dict(record))
 
 
-def talan_model_config(host_record: dict[str, Any], config: TalanConfig) -> dict[str, Any]:
-    """The config.json of a TALAN model: the host's, renamed to its twin, plus ``talan``.
+def adapter_set_spec_of(hf_config: Any) -> AdapterSetSpec:
+    """What the engine sizes and wires for a prepared folder's TALAN adapters."""
+    if _section(hf_config, CONFIG_KEY) is not None:
+        return AdapterSetSpec.of_config(checkpoint_config_of(hf_config))
+    record = _section(hf_config, ADAPTERS_KEY)
+    if record is None:
+        raise ValueError(
+            "talan-serve: this model's config.json has no 'talan' section; build the "
+            "model folder with talan_serve.prepared.prepare_model_dir (one checkpoint) or "
+            "prepare_adapter_host (many)"
+        )
+    return record if isinstance(record, AdapterSetSpec) else AdapterSetSpec.from_dict(record)
+
+
+def talan_model_config(
+    host_record: dict[str, Any], config: TalanConfig | AdapterSetSpec
+) -> dict[str, Any]:
+    """The config.json of a TALAN model: the host's, renamed to its twin, plus ``talan``
+    (one checkpoint) or ``talan_adapters`` (a base for adapters loaded at run time).
 
     Whether ``config`` fits the host's shape is the caller's check (a checkpoint's
     ``check_host``; the engine plugins check again when they build the model).
@@ -76,8 +108,8 @@ def talan_model_config(host_record: dict[str, Any], config: TalanConfig) -> dict
             f"talan-serve: base architecture {host!r} has no TALAN twin; supported: "
             f"{', '.join(TALAN_HOSTS)}"
         )
-    return {**host_record, "architectures": [talan_architecture(host)],
-            CONFIG_KEY: config.to_dict()}
+    key = CONFIG_KEY if isinstance(config, TalanConfig) else ADAPTERS_KEY
+    return {**host_record, "architectures": [talan_architecture(host)], key: config.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -100,12 +132,12 @@ class PreparedModel:
                    bool(record["talan"]))
 
 
-def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
+def adapter_config(adapter_dir: Path) -> dict[str, Any]:
     return json.loads((adapter_dir / ADAPTER_FILES[0]).read_text())
 
 
-def _lora_rank(adapter_dir: Path) -> int:
-    record = _adapter_config(adapter_dir)
+def lora_rank(adapter_dir: Path) -> int:
+    record = adapter_config(adapter_dir)
     ranks = [record.get("r", 8), *(record.get("rank_pattern") or {}).values()]
     return int(max(ranks))
 
@@ -151,7 +183,7 @@ def prepare_model_dir(
         record = talan_model_config(record, checkpoint.config)
 
     adapter = checkpoint.adapter_dir
-    merge = adapter is not None and (merge_lora or bool(_adapter_config(adapter).get("use_dora")))
+    merge = adapter is not None and (merge_lora or bool(adapter_config(adapter).get("use_dora")))
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -185,7 +217,7 @@ def prepare_model_dir(
     prepared = PreparedModel(
         path=out,
         lora_dir=lora_dir,
-        lora_rank=_lora_rank(lora_dir) if lora_dir else None,
+        lora_rank=lora_rank(lora_dir) if lora_dir else None,
         merged=merge,
         has_talan=checkpoint.has_talan,
     )
@@ -234,3 +266,26 @@ def prepare_cached(
         except OSError:  # another process finished the same folder first
             shutil.rmtree(partial, ignore_errors=True)
     return PreparedModel.read(out)
+
+
+def prepare_adapter_host(
+    base_model_dir: str | Path, cache_dir: str | Path, spec: AdapterSetSpec
+) -> Path:
+    """A folder (under ``cache_dir``) that serves ``base_model_dir`` with room for TALAN
+    adapters as ``spec`` sizes them; the adapters themselves are loaded at run time."""
+    base = Path(base_model_dir)
+    record = json.loads((base / "config.json").read_text())
+    spec.check_host(record.get("hidden_size"), record.get("num_hidden_layers"))
+    key = hashlib.sha256(json.dumps([str(base.resolve()), spec.to_dict()]).encode())
+    out = Path(cache_dir) / f"adapters-{key.hexdigest()[:20]}"
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for item in sorted(base.iterdir()):
+        if item.name != "config.json" and not item.name.startswith("."):
+            os.symlink(item.resolve(), partial / item.name)
+    (partial / "config.json").write_text(json.dumps(talan_model_config(record, spec),
+                                                    indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    partial.replace(out)
+    return out

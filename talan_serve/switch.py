@@ -1,7 +1,10 @@
 """The per-request TALAN switch: one wire format for the front end and every engine.
 
 A request turns TALAN off with ``{"talan": {"enabled": false}}``: in the HTTP body, and
-in its engine's per-request arguments (vLLM: ``SamplingParams.extra_args``). Everything
+in its engine's per-request arguments (vLLM: ``SamplingParams.extra_args``). In the
+engine arguments, ``{"talan": {"adapter": N}}`` also says which loaded TALAN adapter the
+request runs (``talan_serve.adapters``; default 0, a server's one checkpoint); the front
+end sets it from the request's ``model``. Everything
 that builds or reads that value goes through this module: the front end's backends build
 it, the engine plugins parse it per batch row, and the prefix-cache patch keys cached
 blocks by it. One parser, so no two places can disagree on what "off" means.
@@ -13,7 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 KEY = "talan"
-FIELDS = frozenset({"enabled"})
+FIELDS = frozenset({"enabled", "adapter"})
+DEFAULT_ADAPTER = 0
+NO_ADAPTER = -1  # what a TALAN-off request runs: no side path
 
 
 class SwitchError(ValueError):
@@ -33,7 +38,17 @@ def parse_switch(value: Any) -> bool:
     enabled = value.get("enabled", True)
     if not isinstance(enabled, bool):
         raise SwitchError(f'"{KEY}.enabled" must be a boolean, got {enabled!r}')
+    adapter = value.get("adapter", DEFAULT_ADAPTER)
+    if isinstance(adapter, bool) or not isinstance(adapter, int) or adapter < 0:
+        raise SwitchError(f'"{KEY}.adapter" must be a non-negative integer, got {adapter!r}')
     return enabled
+
+
+def parse_route(value: Any) -> int:
+    """The adapter id a request runs for its ``talan`` value; ``NO_ADAPTER`` when off."""
+    if not parse_switch(value):
+        return NO_ADAPTER
+    return (value or {}).get("adapter", DEFAULT_ADAPTER)
 
 
 def enabled_in(extra_args: Mapping[str, Any] | None) -> bool:
@@ -41,6 +56,15 @@ def enabled_in(extra_args: Mapping[str, Any] | None) -> bool:
     return parse_switch((extra_args or {}).get(KEY))
 
 
-def switch_args(enabled: bool) -> dict[str, Any]:
-    """The engine arguments that switch TALAN on or off for one request."""
-    return {KEY: {"enabled": bool(enabled)}}
+def route_in(extra_args: Mapping[str, Any] | None) -> int:
+    """The adapter id a request whose engine arguments are ``extra_args`` runs (or none)."""
+    return parse_route((extra_args or {}).get(KEY))
+
+
+def switch_args(enabled: bool, adapter: int | None = None) -> dict[str, Any]:
+    """The engine arguments that switch TALAN on or off for one request (and, on a server
+    of several adapters, choose its adapter)."""
+    value: dict[str, Any] = {"enabled": bool(enabled)}
+    if adapter is not None:
+        value["adapter"] = int(adapter)
+    return {KEY: value}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from server.adapters import AdapterRegistry
     from talan_serve.prepared import PreparedModel
 
 
@@ -50,6 +51,17 @@ class BackendConfig:
     kv_cache_memory_bytes: int | None = None
     seed: int = 0
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
+    # Many TALAN(+LoRA) checkpoints on the one base model ``model_dir``, by the name a
+    # request gives in ``model`` (``server.adapters``); more can be loaded at run time.
+    adapters: dict[str, str] = field(default_factory=dict)
+    max_adapters: int = 8
+    max_lora_rank: int | None = None  # default: the largest of the adapters given at start
+    talan_state_slots: int | None = None  # default: the largest T of those adapters
+    talan_connection_points: tuple[str, ...] = ()  # beyond those adapters' own
+
+    @property
+    def many_adapters(self) -> bool:
+        return bool(self.adapters or self.talan_connection_points)
 
     def prepare(self) -> PreparedModel | None:
         """The folder an engine loads for the checkpoint (``talan_serve.prepared``, kept in
@@ -134,6 +146,9 @@ class GenerateRequest:
     # False: the client takes the whole answer at once, so an engine may skip per-step
     # outputs and yield only the final one (less front-end work per decode step).
     stream: bool = True
+    # The request's ``model``: on a server of many adapters, the adapter it runs (the
+    # base model's name or None: the base model alone).
+    model: str | None = None
 
 
 @dataclass
@@ -200,3 +215,21 @@ class Backend(Protocol):
         ...
 
     async def shutdown(self) -> None: ...
+
+
+class ServesAdapters(Protocol):
+    """A backend that serves many named adapters on its base model (``server.adapters``)."""
+
+    registry: AdapterRegistry
+
+    async def start(self) -> None:
+        """Load the adapters given at start (before the server takes requests)."""
+        ...
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve the checkpoint at ``path`` as ``name``; ``AdapterError`` if it cannot."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving ``name`` once its running requests end; ``ModelNotFoundError``."""
+        ...

@@ -7,12 +7,16 @@ vLLM's public engine API only; the TALAN plugin inside vLLM is ``talan_serve.plu
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from server.adapters import Adapter, AdapterError, AdapterRegistry, ModelNotFoundError
 from server.backends.base import (
     BackendConfig,
     EngineDeadError,
@@ -28,7 +32,7 @@ from server.backends.base import (
     held_back_text,
 )
 from talan_serve.plugins.vllm import lora_request, max_lora_rank
-from talan_serve.prepared import PreparedModel
+from talan_serve.prepared import PreparedModel, lora_rank
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
@@ -46,12 +50,23 @@ def _on_cuda() -> bool:
     return current_platform.is_cuda_alike()
 
 
-def engine_args(config: BackendConfig, prepared: PreparedModel | None) -> Any:
+def engine_args(
+    config: BackendConfig,
+    prepared: PreparedModel | None,
+    model_path: Path | None = None,
+    loras: tuple[int, int] | None = None,
+) -> Any:
+    """vLLM's engine arguments. ``model_path``: a folder other than the prepared one (a
+    base for many adapters); ``loras``: (LoRAs at once, largest rank) for per-request LoRA."""
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    if model_path is None:
+        model_path = prepared.path if prepared is not None else Path(config.model_dir)
+    if prepared is not None and prepared.lora_dir is not None:
+        loras = (1, max_lora_rank(prepared))
     kwargs: dict[str, Any] = dict(
-        model=str(prepared.path) if prepared is not None else config.model_dir,
+        model=str(model_path),
         served_model_name=config.served_name,
         dtype=config.dtype,
         seed=config.seed,
@@ -68,10 +83,9 @@ def engine_args(config: BackendConfig, prepared: PreparedModel | None) -> Any:
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar",
                                                           disable_any_whitespace=True),
     )
-    if prepared is not None and prepared.lora_dir is not None:
+    if loras is not None:
         kwargs["enable_lora"] = True
-        kwargs["max_loras"] = 1
-        kwargs["max_lora_rank"] = max_lora_rank(prepared)
+        kwargs["max_loras"], kwargs["max_lora_rank"] = loras
     if config.max_model_len is not None:
         kwargs["max_model_len"] = config.max_model_len
     if config.max_num_seqs is not None:
@@ -92,8 +106,11 @@ def engine_args(config: BackendConfig, prepared: PreparedModel | None) -> Any:
     return AsyncEngineArgs(**kwargs)
 
 
-def sampling_params(options: SamplingOptions, stream: bool = True) -> Any:
-    """vLLM's ``SamplingParams`` for the engine-neutral options (TALAN switch included)."""
+def sampling_params(
+    options: SamplingOptions, stream: bool = True, talan_args: dict[str, Any] | None = None
+) -> Any:
+    """vLLM's ``SamplingParams`` for the engine-neutral options (TALAN switch included;
+    ``talan_args``: the switch with an adapter, on a server of many)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -127,7 +144,7 @@ def sampling_params(options: SamplingOptions, stream: bool = True) -> Any:
         structured_outputs=structured,
         # A non-streamed request needs no per-step outputs (vLLM's server does the same).
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-        extra_args=switch_args(options.talan_enabled),
+        extra_args=talan_args or switch_args(options.talan_enabled),
     )
 
 
@@ -154,9 +171,19 @@ class VllmBackend:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.config = config
-        self._prepared = config.prepare()
-        self._lora_request = lora_request(self._prepared) if self._prepared else None
-        self._llm = AsyncLLM.from_engine_args(engine_args(config, self._prepared))
+        self.registry: AdapterRegistry | None = None
+        self._loras: dict[int, Any] = {}
+        self._adapter_lock = asyncio.Lock()
+        if config.many_adapters:
+            self._prepared = None
+            self._lora_request = None
+            model_path, loras = self._prepare_adapter_host(config)
+            args = engine_args(config, None, model_path, loras)
+        else:
+            self._prepared = config.prepare()
+            self._lora_request = lora_request(self._prepared) if self._prepared else None
+            args = engine_args(config, self._prepared)
+        self._llm = AsyncLLM.from_engine_args(args)
         model_config = self._llm.model_config
         tokenizer = AutoTokenizer.from_pretrained(Path(config.model_dir))
         self.info = ModelInfo(
@@ -171,12 +198,103 @@ class VllmBackend:
             engine_version=_vllm_version(),
         )
 
+    def _prepare_adapter_host(self, config: BackendConfig) -> tuple[Path, tuple[int, int] | None]:
+        """The base folder sized for the adapters given at start (and the ones asked for)."""
+        from talan_serve.adapters import AdapterSetSpec
+        from talan_serve.base_models import cache_root
+        from talan_serve.checkpoint import load_checkpoint
+        from talan_serve.plugins.vllm._compat import lora_rank_slot
+        from talan_serve.prepared import prepare_adapter_host
+
+        host = json.loads((Path(config.model_dir) / "config.json").read_text())
+        checkpoints = [load_checkpoint(path) for path in config.adapters.values()]
+        spec = AdapterSetSpec.covering(
+            [c.config for c in checkpoints if c.has_talan], host["hidden_size"],
+            config.talan_state_slots, config.talan_connection_points)
+        ranks = [lora_rank(c.adapter_dir) for c in checkpoints if c.adapter_dir is not None]
+        rank = config.max_lora_rank or (max(ranks) if ranks else None)
+        rank_slot = None if rank is None else lora_rank_slot(rank)
+        self.registry = AdapterRegistry(spec, host["num_hidden_layers"], config.max_adapters,
+                                        rank_slot)
+        folder = prepare_adapter_host(config.model_dir, cache_root() / "prepared", spec)
+        return folder, None if rank_slot is None else (config.max_adapters, rank_slot)
+
+    # --- many adapters ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for name, path in self.config.adapters.items():
+            await self.load_adapter(name, path)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        from talan_serve.plugins.vllm._compat import LoRARequest
+
+        if self.registry is None:
+            raise AdapterError("this server serves one checkpoint; start it with --adapters "
+                               "(or --talan-connection-points) to load adapters")
+        async with self._adapter_lock:
+            adapter = self.registry.reserve(name, path)
+            loaded_talan = False
+            try:
+                lora_dir = adapter.checkpoint.adapter_dir
+                if lora_dir is not None and self.registry.max_lora_rank is None:
+                    raise AdapterError(f"adapter {name!r} has a LoRA, and this server was "
+                                       "started without LoRA support (--max-lora-rank)")
+                if adapter.has_talan:
+                    await self._llm.collective_rpc(
+                        "talan_load_adapter", args=(adapter.adapter_id, str(adapter.path)))
+                    loaded_talan = True
+                if lora_dir is not None:
+                    lora = LoRARequest(name, adapter.adapter_id, str(lora_dir))
+                    await self._llm.add_lora(lora)
+                    self._loras[adapter.adapter_id] = lora
+            except BaseException:
+                if loaded_talan:
+                    await self._llm.collective_rpc("talan_unload_adapter",
+                                                   args=(adapter.adapter_id,))
+                self.registry.drop(adapter)
+                raise
+            self.registry.publish(adapter)
+            logger.info("adapter %s loaded from %s (id %d, TALAN %s, LoRA rank %s)", name,
+                        adapter.path, adapter.adapter_id,
+                        adapter.checkpoint.config.connection_point if adapter.has_talan
+                        else "none", adapter.lora_rank)
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.registry is None:
+            raise ModelNotFoundError(f"no adapter named {name!r} is loaded")
+        async with self._adapter_lock:
+            adapter = self.registry.retire(name)
+            await self.registry.drained(adapter)
+            if adapter.has_talan:
+                await self._llm.collective_rpc("talan_unload_adapter",
+                                               args=(adapter.adapter_id,))
+            if self._loras.pop(adapter.adapter_id, None) is not None:
+                await self._llm.remove_lora(adapter.adapter_id)
+            self.registry.drop(adapter)
+            logger.info("adapter %s unloaded", name)
+
+    def _route(self, request: GenerateRequest) -> tuple[Adapter | None, Any, dict[str, Any]]:
+        """The adapter, LoRA request and switch arguments a request runs with."""
+        enabled = request.sampling.talan_enabled
+        if self.registry is None:
+            return None, self._lora_request, switch_args(enabled)
+        if request.model is None or request.model == self.info.name:
+            return None, None, switch_args(False)  # the base model alone
+        adapter = self.registry.get(request.model)
+        if adapter is None:
+            raise ModelNotFoundError(f"The model '{request.model}' does not exist")
+        lora = self._loras.get(adapter.adapter_id)
+        if not (enabled and adapter.has_talan):
+            return adapter, lora, switch_args(False)
+        return adapter, lora, switch_args(True, adapter.adapter_id)
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError
 
+        adapter, lora, talan_args = self._route(request)
         try:
-            params = sampling_params(request.sampling, request.stream)
+            params = sampling_params(request.sampling, request.stream, talan_args)
         except (VLLMValidationError, ValueError) as error:
             raise EngineInputError(str(error)) from error
         prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
@@ -185,34 +303,40 @@ class VllmBackend:
         first = True
         history: dict[int, tuple[list[int], list[str]]] = {}
         try:
-            stream = self._llm.generate(prompt, params, request.request_id,
-                                        lora_request=self._lora_request)
-            async for out in stream:
-                sequences = []
-                for seq in out.outputs:
-                    delta = SequenceDelta(
-                        index=seq.index,
-                        token_ids=list(seq.token_ids),
-                        text=seq.text,
-                        logprobs=_logprobs(seq.logprobs) if seq.logprobs is not None else None,
-                        finish_reason=seq.finish_reason,
-                    )
-                    ids, texts = history.setdefault(seq.index, ([], []))
-                    ids.extend(delta.token_ids)
-                    texts.append(delta.text)
-                    if delta.finish_reason == "length":
-                        delta.text += held_back_text(self.info.tokenizer, ids, "".join(texts),
-                                                     params)
-                    sequences.append(delta)
-                prompt_logprobs = None
-                if first and out.prompt_logprobs is not None:
-                    prompt_logprobs = _logprobs(out.prompt_logprobs)
-                first = False
-                yield GenerateOutput(request.request_id, sequences, out.finished, prompt_logprobs)
+            with self._in_flight(adapter):
+                async for out in self._llm.generate(prompt, params, request.request_id,
+                                                    lora_request=lora):
+                    yield self._output(request, out, params, history, first)
+                    first = False
         except VllmDeadError as error:
             raise EngineDeadError(str(error)) from error
         except (VLLMValidationError, ValueError) as error:
             raise EngineInputError(str(error)) from error
+
+    def _in_flight(self, adapter: Adapter | None):
+        return self.registry.using(adapter) if self.registry is not None else nullcontext()
+
+    def _output(self, request: GenerateRequest, out: Any, params: Any,
+                history: dict[int, tuple[list[int], list[str]]], first: bool) -> GenerateOutput:
+        sequences = []
+        for seq in out.outputs:
+            delta = SequenceDelta(
+                index=seq.index,
+                token_ids=list(seq.token_ids),
+                text=seq.text,
+                logprobs=_logprobs(seq.logprobs) if seq.logprobs is not None else None,
+                finish_reason=seq.finish_reason,
+            )
+            ids, texts = history.setdefault(seq.index, ([], []))
+            ids.extend(delta.token_ids)
+            texts.append(delta.text)
+            if delta.finish_reason == "length":
+                delta.text += held_back_text(self.info.tokenizer, ids, "".join(texts), params)
+            sequences.append(delta)
+        prompt_logprobs = None
+        if first and out.prompt_logprobs is not None:
+            prompt_logprobs = _logprobs(out.prompt_logprobs)
+        return GenerateOutput(request.request_id, sequences, out.finished, prompt_logprobs)
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

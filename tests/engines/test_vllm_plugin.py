@@ -75,8 +75,8 @@ def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
     from server.http import parse
     from server.sampling import sampling_options
     from server.schemas import CompletionRequest
-    from talan_serve.plugins.vllm.switch import TalanSwitch, request_enabled
-    from talan_serve.switch import SwitchError
+    from talan_serve.plugins.vllm.switch import TalanSwitch, request_route
+    from talan_serve.switch import DEFAULT_ADAPTER, SwitchError
 
     def answer(call):
         try:
@@ -92,7 +92,7 @@ def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
 
     def plugin():
         TalanSwitch.validate_params(direct)  # admission
-        return request_enabled(direct)  # per batch row
+        return request_route(direct) == DEFAULT_ADAPTER  # per batch row
 
     def cache_key():
         return talan_cache_keys(SimpleNamespace(sampling_params=direct)) != [OFF_KEY]
@@ -104,8 +104,45 @@ def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
     assert server.talan_enabled is expected
     # What the server hands vLLM reads back the same on the engine side.
     built = sampling_params(server)
-    assert request_enabled(built) is expected
+    assert (request_route(built) == DEFAULT_ADAPTER) is expected
     assert (talan_cache_keys(SimpleNamespace(sampling_params=built)) == [OFF_KEY]) is not expected
+
+
+@pytest.mark.parametrize(("value", "route", "keys"), [
+    ({"adapter": 3}, 3, [("talan", "adapter", "3")]),
+    ({"enabled": True, "adapter": 0}, 0, []),
+    ({"enabled": False, "adapter": 3}, -1, [("talan", "off", "")]),
+    ({"adapter": -1}, "refused", "refused"),
+    ({"adapter": True}, "refused", "refused"),
+    ({"adapter": "3"}, "refused", "refused"),
+])
+def test_adapter_routes_on_the_engine_side_only(value, route, keys):
+    """Which adapter a row runs: read by the plugin and keyed by the prefix cache; over HTTP
+    the ``model`` field chooses it, so the body's ``talan.adapter`` is refused by name."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+
+    from patches.vllm_talan_prefix_cache_key import talan_cache_keys
+    from server.errors import APIError
+    from server.http import parse
+    from server.schemas import CompletionRequest
+    from talan_serve.plugins.vllm.switch import request_route
+    from talan_serve.switch import SwitchError
+
+    params = SamplingParams(extra_args={"talan": value})
+
+    def answer(call):
+        try:
+            return call()
+        except SwitchError:
+            return "refused"
+
+    assert answer(lambda: request_route(params)) == route
+    assert answer(lambda: talan_cache_keys(SimpleNamespace(sampling_params=params))) == keys
+    with pytest.raises(APIError) as error:
+        parse(CompletionRequest, {"prompt": "a", "talan": value})
+    assert error.value.status == 400 and "talan" in error.value.message
 
 
 def test_prepare_model_dir(tiny_model, tmp_path):

@@ -57,3 +57,27 @@ def test_ray_is_refused_on_cpu_by_name():
     args = build_parser().parse_args(["-tp", "2", "--distributed-executor-backend", "ray"])
     with pytest.raises(SystemExit, match="does not support the Ray executor"):
         _cpu_defaults(args)
+
+
+def test_adapters_resolve_to_a_base_and_named_checkpoints(tmp_path):
+    from server.cli import PlanError, resolve
+    from talan_serve.checkpoint import read_manifest
+    from talan_serve.registry import REPO_CHECKPOINTS
+
+    demo = REPO_CHECKPOINTS / "smollm2-talan-demo"
+    twin = REPO_CHECKPOINTS / "smollm2-lora-demo"
+    plan = resolve(build_parser().parse_args(["--adapters", f"twin={twin}"]))
+    # The default model is a checkpoint: served beside the others under its own name,
+    # and the base model under the name the checkpoint records for it.
+    assert plan.adapters == {"smollm2-talan-demo": str(demo), "twin": str(twin)}
+    assert plan.served_name == read_manifest(demo)["base_model"]
+    assert plan.checkpoint is None
+    for argv, message in (
+        (["--adapters", "twin"], "expected NAME=CKPT"),
+        (["--adapters", f"twin={twin}", f"twin={twin}"], "used twice"),
+        (["--adapters", f"x={tmp_path / 'missing'}"], "no such checkpoint directory"),
+        (["--adapters", f"x={twin}", "--engine", "sglang"], "serves one checkpoint"),
+        (["--adapters", f"x={twin}", "--talan", str(twin)], "give that checkpoint as"),
+    ):
+        with pytest.raises(PlanError, match=message):
+            resolve(build_parser().parse_args(argv))

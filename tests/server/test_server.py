@@ -183,6 +183,16 @@ def test_openai_errors(server, tokenizer):
         assert c.get("/v1/completions").status_code == 405
 
 
+def test_loading_adapters_is_off_without_an_allowlist(server, tmp_path):
+    load = {"lora_name": "x", "lora_path": str(tmp_path)}
+    with server.client() as c:
+        for path, body in (("/v1/load_lora_adapter", load),
+                           ("/v1/unload_lora_adapter", {"lora_name": "x"})):
+            response = c.post(path, json=body)
+            assert response.status_code == 403
+            assert response.json()["error"]["code"] == "adapter_loading_disabled"
+
+
 def test_malformed_requests_never_5xx(server):
     assert len(malformed_requests()) >= 200
     statuses = send_malformed(server.base_url)

@@ -23,14 +23,18 @@ import torch
 
 from talan_serve.plugins.sglang import _compat
 from talan_serve.plugins.sglang.state_backend import ALL_ON_ATTR, FLAGS_ATTR
-from talan_serve.switch import enabled_in
+from talan_serve.switch import DEFAULT_ADAPTER, NO_ADAPTER, SwitchError, route_in
 
 OFF_MARKER = "\x1ftalan=off"
 
 
 def request_enabled(sampling_params: Any) -> bool:
     """TALAN on/off for a request's SGLang sampling params (``SwitchError`` if malformed)."""
-    return enabled_in(getattr(sampling_params, "custom_params", None))
+    route = route_in(getattr(sampling_params, "custom_params", None))
+    if route not in (DEFAULT_ADAPTER, NO_ADAPTER):
+        raise SwitchError("talan-serve: the SGLang engine serves one TALAN adapter (0), "
+                          f"not adapter {route}")
+    return route == DEFAULT_ADAPTER
 
 
 def _after_verify(result, params, *args, **kwargs):

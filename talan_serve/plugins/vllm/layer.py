@@ -1,14 +1,14 @@
-"""The TALAN state layer: vLLM's per-request state cache around the one TalanBlock.
+"""The TALAN state layer: vLLM's per-request state cache around the TALAN adapters.
 
 The layer is a ``MambaBase`` so that vLLM allocates, carries, releases and (in "align"
-prefix-caching mode) checkpoints one state per request (``TalanConfig.state_shape``),
-exactly as for its own recurrent layers. Per step the layer only
+prefix-caching mode) checkpoints one state per request (``TalanAdapterSet.state_shape``),
+exactly as for its own recurrent layers. Per step and connection point the layer only
 
 * gathers the states of the batch's requests by their state-slot indices (zeroing those
   of requests that start one, unless the builder saw on the host that none does),
-* hands the block vLLM's own ``query_start_loc`` as ``cu_seqlens`` (or nothing, when
-  every request brings one token: the block's decode-step entry),
-* calls ``TalanBlock.perturbation`` (all of the math lives there),
+* hands the adapters vLLM's own ``query_start_loc`` as ``cu_seqlens`` (or nothing, when
+  every request brings one token: the block's decode-step entry) and each row's adapter
+  (``talan_serve.adapters``; all of the math is ``TalanBlock``'s),
 * scatters the final states back,
 
 with tensor ops only; the per-step metadata comes from ``state_backend.py``. A
@@ -20,12 +20,18 @@ without the op.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talan_serve.block import STATE_DTYPE, TalanBlock, sequence_index
-from talan_serve.config import TalanConfig
+from talan_serve.adapters import (
+    NO_ADAPTER,
+    StepPlan,
+    TalanAdapterSet,
+    plan_step,
+)
+from talan_serve.block import STATE_DTYPE
 from talan_serve.plugins.vllm import _compat
 from talan_serve.plugins.vllm._compat import (
     MambaAttentionBackendEnum,
@@ -33,32 +39,44 @@ from talan_serve.plugins.vllm._compat import (
     get_current_vllm_config,
     get_forward_context,
 )
-from talan_serve.plugins.vllm.state_backend import TalanStateBackend
+from talan_serve.plugins.vllm.state_backend import TalanStateBackend, TalanStateMetadata
 
 
 class TalanStateLayer(MambaBase, nn.Module):
-    """One TALAN block whose running summary lives in vLLM's state cache."""
+    """The TALAN adapters of one model, whose running summaries live in vLLM's state cache.
 
-    def __init__(self, config: TalanConfig, prefix: str, max_num_seqs: int):
+    One checkpoint is a set of one adapter (id 0); a server of many adapters loads them
+    into the set at run time (``worker.TalanWorkerExtension``). Every request has one state
+    slot, sized for the set's largest T, whichever connection point its adapter uses.
+    """
+
+    def __init__(self, adapters: TalanAdapterSet, prefix: str, max_num_seqs: int):
         super().__init__()
-        self.config = config
         self.prefix = prefix
-        # fp32 weights whatever the host dtype: the checkpoint and the reference are fp32.
-        self.block = TalanBlock(config).float()
-        self.block.requires_grad_(False)
-        # Per-request on/off flags by batch row, filled by the
-        # TalanSwitch logits processor; all on when nobody writes them.
+        self.adapters = adapters
+        # Each batch row's adapter id (NO_ADAPTER: TALAN off, or the plain base model),
+        # written by the TalanSwitch logits processor: on the host for the eager step's
+        # plan, on the device (fixed address) for what a captured graph reads on replay.
+        self.row_adapters = np.zeros(0, dtype=np.int64)
         self.register_buffer(
-            "enabled_rows", torch.ones(max_num_seqs, dtype=torch.bool), persistent=False
+            "row_adapter_buffer", torch.zeros(max_num_seqs, dtype=torch.long), persistent=False
         )
-        # Whether any / every request in the batch runs TALAN-on (set by TalanSwitch).
-        self.any_enabled = self.all_enabled = True
+        self._decode_plans: dict[str, StepPlan] = {}
         _register_state_layer(self)
+
+    def set_row_adapters(self, rows: np.ndarray) -> None:
+        self.row_adapters = rows.copy()
+        self.row_adapter_buffer[: rows.shape[0]].copy_(torch.from_numpy(rows),
+                                                       non_blocking=True)
+        self._decode_plans = {}
+
+    def adapters_changed(self) -> None:
+        self._decode_plans = {}
 
     # --- MambaBase ------------------------------------------------------------------------
 
     def get_state_shape(self) -> tuple[tuple[int, ...]]:
-        return (self.config.state_shape,)
+        return (self.adapters.state_shape,)
 
     def get_state_dtype(self) -> tuple[torch.dtype]:
         return (STATE_DTYPE,)
@@ -78,22 +96,44 @@ class TalanStateLayer(MambaBase, nn.Module):
 
     # --- forward --------------------------------------------------------------------------
 
-    def forward(self, stream: torch.Tensor) -> torch.Tensor:
-        """``X~`` for the full residual stream ``X`` (num_tokens, d), in X's dtype."""
-        return stream + side_path_delta(self.prefix, stream)
+    def _plan(self, metadata: TalanStateMetadata, point: str) -> StepPlan:
+        rows = self.row_adapters
+        if rows.shape[0] != metadata.num_reqs:
+            # Rows the switch has not seen run nothing (only reachable outside a batch
+            # the input batch describes, e.g. a dummy step).
+            fitted = np.full(metadata.num_reqs, NO_ADAPTER, dtype=np.int64)
+            count = min(rows.shape[0], metadata.num_reqs)
+            fitted[:count] = rows[:count]
+            rows = fitted
+        adapters = self.adapters.adapters_at(point)
+        device = self.row_adapter_buffer.device
+        if metadata.cu_seqlens is None:
+            # A decode step's plan depends on the rows only: kept until they change.
+            plan = self._decode_plans.get(point)
+            if plan is None:
+                plan = self._decode_plans[point] = plan_step(rows, None, None, device, adapters)
+            return plan
+        return plan_step(rows, metadata.cu_seqlens_host, metadata.cu_seqlens, device, adapters)
 
-    def side_path(self, stream: torch.Tensor) -> torch.Tensor:
-        """``X~ - X`` in ``stream``'s shape and dtype (zero for disabled requests, padding)."""
+    def side_path(self, stream: torch.Tensor, point: str) -> torch.Tensor:
+        """``X~ - X`` at connection ``point``, in ``stream``'s shape and dtype (zero for
+        rows whose adapter is elsewhere or none, and for padding)."""
         metadata = get_forward_context().attn_metadata
         if isinstance(metadata, dict):
             metadata = metadata.get(self.prefix)
+        adapters = self.adapters.adapters_at(point)
         if metadata is None:
             # Profiling / dummy run: one fresh sequence, so memory use is realistic.
+            if not adapters:
+                return torch.zeros_like(stream)
             cu = torch.tensor([0, stream.shape[0]], device=stream.device, dtype=torch.long)
-            return self.block.perturbation(stream, cu)[0].to(stream.dtype)
+            block = self.adapters.block(adapters[0])
+            return block.perturbation(stream, cu)[0].to(stream.dtype)
 
-        if not self.any_enabled and not _capturing(stream):
-            # Every request is the adapter-only model: nothing to compute, no state to move.
+        capturing = _capturing(stream)
+        plan = None if capturing else self._plan(metadata, point)
+        if plan is not None and not plan.groups:
+            # No row runs an adapter here: nothing to compute, no state to move.
             return torch.zeros_like(stream)
 
         states = self.kv_cache[0]
@@ -105,17 +145,19 @@ class TalanStateLayer(MambaBase, nn.Module):
         if resume is not None:
             # where(), not a product: a never-written slot may hold NaN garbage.
             initial = torch.where(resume.view(-1, 1, 1), initial, 0.0)
-        delta, final = self.block.perturbation(hidden, cu_seqlens, initial)
-
-        if self.all_enabled and not _capturing(stream):
+        if capturing:
+            # A captured graph replays whatever the rows become: it holds every adapter.
+            rows = self.row_adapter_buffer[: metadata.num_reqs]
+            delta, final = self.adapters.dense_perturbation(hidden, cu_seqlens, initial,
+                                                            rows, rows, adapters)
             states.index_copy_(0, slots, final)
         else:
-            enabled = self.enabled_rows[: metadata.num_reqs]
-            # A disabled request is the adapter-only model: exact identity, state untouched.
-            states.index_copy_(0, slots, torch.where(enabled.view(-1, 1, 1), final, initial))
-            if cu_seqlens is not None:
-                enabled = enabled[sequence_index(cu_seqlens, num_tokens)]
-            delta = torch.where(enabled.view(-1, 1), delta, 0.0)
+            delta, final = self.adapters.perturbation(hidden, cu_seqlens, initial, plan.groups)
+            if plan.owned is None:
+                states.index_copy_(0, slots, final)
+            else:
+                states.index_copy_(0, slots.index_select(0, plan.owned),
+                                   final.index_select(0, plan.owned))
         delta = delta.to(stream.dtype)
         # Python-int branch only: shapes are static under graph capture.
         if num_tokens < stream.shape[0]:
@@ -123,8 +165,8 @@ class TalanStateLayer(MambaBase, nn.Module):
         return delta
 
 
-def side_path_delta(layer_name: str, stream: torch.Tensor) -> torch.Tensor:
-    """The side path's ``X~ - X`` for ``stream``, as the model's forward calls it.
+def side_path_delta(layer_name: str, point: str, stream: torch.Tensor) -> torch.Tensor:
+    """The side path's ``X~ - X`` at connection ``point``, as the model's forward calls it.
 
     Compiled graphs (and CUDA graph capture) need the custom op: it is the split point
     of piecewise graphs and a break of vLLM's breakable graphs, writing into an output
@@ -133,9 +175,10 @@ def side_path_delta(layer_name: str, stream: torch.Tensor) -> torch.Tensor:
     """
     if torch.compiler.is_compiling() or stream.is_cuda:
         delta = torch.empty_like(stream)
-        getattr(torch.ops, _compat.OP_NAMESPACE).talan_side_path(stream, delta, layer_name)
+        getattr(torch.ops, _compat.OP_NAMESPACE).talan_side_path(stream, delta, layer_name,
+                                                                 point)
         return delta
-    return get_forward_context().no_compile_layers[layer_name].side_path(stream)
+    return get_forward_context().no_compile_layers[layer_name].side_path(stream, point)
 
 
 def _capturing(tensor: torch.Tensor) -> bool:
@@ -155,13 +198,16 @@ class TalanStatePlaceholder(MambaBase):
     and no forward.
     """
 
-    def __init__(self, config: TalanConfig, prefix: str):
+    def __init__(self, adapters: TalanAdapterSet, prefix: str):
         super().__init__()
-        self.config = config
+        # Not a submodule: the placeholder only needs the set's state shape.
+        self._state_shape = adapters.state_shape
         self.prefix = prefix
         _register_state_layer(self)
 
-    get_state_shape = TalanStateLayer.get_state_shape
+    def get_state_shape(self) -> tuple[tuple[int, ...]]:
+        return (self._state_shape,)
+
     get_state_dtype = TalanStateLayer.get_state_dtype
     mamba_type = TalanStateLayer.mamba_type
     get_attn_backend = TalanStateLayer.get_attn_backend
@@ -177,8 +223,9 @@ def _register_state_layer(layer: MambaBase) -> None:
     layer.kv_cache = (torch.tensor([]),)
 
 
-def _talan_side_path(stream: torch.Tensor, delta: torch.Tensor, layer_name: str) -> None:
-    delta.copy_(get_forward_context().no_compile_layers[layer_name].side_path(stream))
+def _talan_side_path(stream: torch.Tensor, delta: torch.Tensor, layer_name: str,
+                     point: str) -> None:
+    delta.copy_(get_forward_context().no_compile_layers[layer_name].side_path(stream, point))
 
 
 _compat.register_custom_op(_talan_side_path, mutates_args=["delta"])

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from talan_serve.block import STATE_DTYPE
-from talan_serve.config import TalanConfig
+from talan_serve.config import connection_layer
 from talan_serve.plugins import refusal
 from talan_serve.plugins.vllm import _compat
 from talan_serve.plugins.vllm._compat import (
@@ -37,69 +37,73 @@ from talan_serve.plugins.vllm._compat import (
     VerifyAndUpdateConfig,
     get_temporal_copy_spec,
 )
-from talan_serve.prepared import talan_architecture, talan_config_of, talan_weights_path
+from talan_serve.prepared import (
+    adapter_set_spec_of,
+    checkpoint_config_of,
+    talan_architecture,
+    talan_weights_path,
+)
+from talan_serve.switch import DEFAULT_ADAPTER
 
 LAYER_NAME = "talan"  # the state layer's submodule (not a weight prefix of the checkpoint)
 LAYER_TYPE = "talan"  # TALAN's entry in the host config's layer_types
 SWITCH_PROCESSOR = "talan_serve.plugins.vllm.switch:TalanSwitch"
 
 
-# --- the connection point ------------------------------------------------------------------
+# --- the connection points -----------------------------------------------------------------
 
-_PATCHED_LAYER_CLASSES: dict[tuple[type, str], type] = {}
+_PATCHED_LAYER_CLASSES: dict[type, type] = {}
 
 
-def _with_side_path(layer_cls: type, where: str) -> type:
-    """``layer_cls`` with the TALAN side path before (``embedding``) or after its forward."""
+def _with_side_path(layer_cls: type) -> type:
+    """``layer_cls`` that runs the TALAN side path before its forward (the ``embedding``
+    point, on decoder layer 0) and/or after it (``layer_N``), as its instance says."""
     from talan_serve.plugins.vllm.layer import side_path_delta
 
-    key = (layer_cls, where)
-    if key in _PATCHED_LAYER_CLASSES:
-        return _PATCHED_LAYER_CLASSES[key]
+    if layer_cls in _PATCHED_LAYER_CLASSES:
+        return _PATCHED_LAYER_CLASSES[layer_cls]
 
-    def side_path(self, stream: torch.Tensor) -> torch.Tensor:
-        return side_path_delta(self._talan_name, stream)
-
-    if where == "before":
-
-        def forward(self, positions, hidden_states, residual, *args, **kwargs):
+    def forward(self, positions, hidden_states, residual, *args, **kwargs):
+        if self._talan_before is not None:
             if residual is not None:  # only reachable through pipeline hand-over tensors
                 hidden_states, residual = hidden_states + residual, None
-            hidden_states = hidden_states + side_path(self, hidden_states)
-            return layer_cls.forward(self, positions, hidden_states, residual, *args, **kwargs)
+            hidden_states = hidden_states + side_path_delta(
+                self._talan_name, self._talan_before, hidden_states)
+        hidden, residual = layer_cls.forward(
+            self, positions, hidden_states, residual, *args, **kwargs
+        )
+        if self._talan_after is None:
+            return hidden, residual
+        stream = hidden + residual
+        # Next: residual = delta + stream, i.e. X + delta with one rounding, like the
+        # reference block's ``hidden + delta``.
+        return side_path_delta(self._talan_name, self._talan_after, stream), stream
 
-    else:
-
-        def forward(self, positions, hidden_states, residual, *args, **kwargs):
-            hidden, residual = layer_cls.forward(
-                self, positions, hidden_states, residual, *args, **kwargs
-            )
-            stream = hidden + residual
-            # Next: residual = delta + stream, i.e. X + delta with one rounding, like the
-            # reference block's ``hidden + delta``.
-            return side_path(self, stream), stream
-
-    patched = type(f"Talan{where.capitalize()}{layer_cls.__name__}", (layer_cls,), {
+    patched = type(f"Talan{layer_cls.__name__}", (layer_cls,), {
         "forward": forward,
         "__module__": __name__,
+        "_talan_before": None,
+        "_talan_after": None,
     })
-    _PATCHED_LAYER_CLASSES[key] = patched
+    _PATCHED_LAYER_CLASSES[layer_cls] = patched
     return patched
 
 
-def install_side_path(
-    decoder: torch.nn.Module, config: TalanConfig, layer: torch.nn.Module
-) -> bool:
-    """Swap the class of the decoder layer at ``config``'s connection point.
+def install_side_path(decoder: torch.nn.Module, point: str, layer: torch.nn.Module) -> bool:
+    """Swap the class of the decoder layer at connection ``point``.
 
     Returns False when that layer lives on another pipeline stage.
     """
-    index = config.layer_index
-    position, where = (0, "before") if index is None else (index, "after")
-    target = decoder.layers[position]
+    index = connection_layer(point)
+    target = decoder.layers[0 if index is None else index]
     if type(target).__name__ == "PPMissingLayer":
         return False
-    target.__class__ = _with_side_path(type(target), where)
+    if type(target) not in _PATCHED_LAYER_CLASSES.values():
+        target.__class__ = _with_side_path(type(target))
+    if index is None:
+        target._talan_before = point
+    else:
+        target._talan_after = point
     # The op finds the state layer by name in vLLM's forward context; the layer itself
     # stays a submodule of the model only (``talan``), so parameter names do not change.
     target._talan_name = layer.prefix
@@ -126,43 +130,50 @@ class TalanModelMixin:
 
         hf_config = vllm_config.model_config.hf_config
         # The config hook (TalanHybridConfig) has checked it against the host already.
-        config = talan_config_of(hf_config)
-        self.talan_config = config
+        spec = adapter_set_spec_of(hf_config)
+        # One checkpoint: adapter 0, loaded with the weights. A base for many adapters
+        # starts empty; TalanWorkerExtension loads them.
+        self.talan_config = checkpoint_config_of(hf_config)
         self.talan_weights = talan_weights_path(vllm_config.model_config.model)
         # vLLM orders state/KV caches by the one integer in a layer name; TALAN's state
         # takes the index after the last decoder layer (as vLLM's MTP layers do).
         name = f"{LAYER_NAME}.{hf_config.num_hidden_layers}"
         name = f"{prefix}.{name}" if prefix else name
+        adapters = spec.build()
         self.talan = TalanStateLayer(
-            config, prefix=name, max_num_seqs=vllm_config.scheduler_config.max_num_seqs
+            adapters, prefix=name, max_num_seqs=vllm_config.scheduler_config.max_num_seqs
         )
-        if not install_side_path(self.model, config, self.talan):
-            del self.talan  # the connection point is on another pipeline stage
+        installed = [install_side_path(self.model, point, self.talan)
+                     for point in spec.connection_points]
+        if not any(installed):
+            del self.talan  # every connection point is on another pipeline stage
             return
         # One KV-cache group for the attention layers, one for the state (see
         # TalanStatePlaceholder): N - 1 placeholders named after the decoder layers.
         num_layers = self.model.end_layer - self.model.start_layer
         base = f"{prefix}.{LAYER_NAME}" if prefix else LAYER_NAME
         self.talan_placeholders = [
-            TalanStatePlaceholder(config, f"{base}_placeholder.{hf_config.num_hidden_layers + i}")
+            TalanStatePlaceholder(adapters, f"{base}_placeholder.{hf_config.num_hidden_layers + i}")
             for i in range(1, num_layers)
         ]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         host_weights = ((n, w) for n, w in weights if not n.startswith(f"{LAYER_NAME}."))
         loaded = set(super().load_weights(host_weights))
-        if hasattr(self, "talan"):
+        if hasattr(self, "talan") and self.talan_config is not None:
             state_dict = load_file(str(self.talan_weights))
-            self.talan.block.load_state_dict(state_dict, strict=True)
-            self.talan.block.float()
-            loaded |= {f"{LAYER_NAME}.block.{name}" for name in state_dict}
+            self.talan.adapters.add(DEFAULT_ADAPTER, self.talan_config, state_dict,
+                                    device=self.talan.row_adapter_buffer.device)
+            self.talan.adapters_changed()
+            loaded |= {f"{LAYER_NAME}.adapters.blocks.{DEFAULT_ADAPTER}.{name}"
+                       for name in state_dict}
         return loaded
 
     # --- hybrid-model interface (classmethods: vLLM sizes the cache before building) --
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: Any) -> tuple[tuple[int, int]]:
-        return (talan_config_of(vllm_config.model_config.hf_config).state_shape,)
+        return (adapter_set_spec_of(vllm_config.model_config.hf_config).state_shape,)
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: Any) -> tuple[torch.dtype]:
@@ -202,8 +213,8 @@ class TalanHybridConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config: Any) -> None:
         hf_config = model_config.hf_config
-        talan_config_of(hf_config).check_host(hf_config.hidden_size,
-                                              hf_config.num_hidden_layers)
+        adapter_set_spec_of(hf_config).check_host(hf_config.hidden_size,
+                                                  hf_config.num_hidden_layers)
         # vLLM calls a model hybrid when its layer_types are not all attention. Like
         # vLLM's MTP support, append an entry past the decoder layers for TALAN's state.
         layer_types = list(getattr(hf_config, "layer_types", None) or
@@ -231,3 +242,17 @@ class TalanHybridConfig(VerifyAndUpdateConfig):
         if vllm_config.speculative_config is not None:
             raise refusal("speculative decoding")
         _compat.add_splitting_op(vllm_config.compilation_config)
+        from talan_serve.plugins.vllm.worker import WORKER_EXTENSION
+
+        parallel = vllm_config.parallel_config
+        many = checkpoint_config_of(vllm_config.model_config.hf_config) is None
+        if not parallel.worker_extension_cls:
+            parallel.worker_extension_cls = WORKER_EXTENSION
+        elif many and parallel.worker_extension_cls != WORKER_EXTENSION:
+            raise ValueError("talan-serve: a base for TALAN adapters loads them through its "
+                             f"worker extension; worker_extension_cls is "
+                             f"{parallel.worker_extension_cls!r}")
+        if many:
+            # Adapters come and go at run time, so no captured graph may hold the side
+            # path: it runs between piecewise graphs, like attention.
+            _compat.piecewise_graphs_only(vllm_config.compilation_config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from talan_serve.plugins.vllm._compat import (
@@ -35,6 +36,8 @@ class TalanStateMetadata:
     resume: torch.Tensor | None
     # (num_reqs + 1,) int64 token offsets; None when each request brings exactly one token.
     cu_seqlens: torch.Tensor | None
+    # The same offsets on the host, for grouping rows by adapter without a device sync.
+    cu_seqlens_host: np.ndarray | None = None
 
 
 class TalanStateMetadataBuilder(AttentionMetadataBuilder[TalanStateMetadata]):
@@ -66,6 +69,7 @@ class TalanStateMetadataBuilder(AttentionMetadataBuilder[TalanStateMetadata]):
         slots = mamba_get_block_table_tensor(
             m.block_table_tensor, m.seq_lens, self.kv_cache_spec, self.mamba_cache_mode
         )[:num_reqs, 0].long()
+        cu_seqlens_host = None
         if m.max_query_len == 1:
             # One token per request (graph padding rows: seq_len 0, the null slot).
             cu_seqlens = None
@@ -83,9 +87,10 @@ class TalanStateMetadataBuilder(AttentionMetadataBuilder[TalanStateMetadata]):
         else:
             resume = m.compute_num_computed_tokens()[:num_reqs] > 0
             cu_seqlens = m.query_start_loc[: num_reqs + 1].long()
+            cu_seqlens_host = m.query_start_loc_cpu[: num_reqs + 1].numpy()
         return TalanStateMetadata(
             num_reqs=num_reqs, num_tokens=m.num_actual_tokens, slots=slots, resume=resume,
-            cu_seqlens=cu_seqlens,
+            cu_seqlens=cu_seqlens, cu_seqlens_host=cu_seqlens_host,
         )
 
 

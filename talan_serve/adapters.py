@@ -1,0 +1,298 @@
+"""Several TALAN adapters over one residual stream, each batch row running its own.
+
+A server that holds many TALAN checkpoints on one base model keeps their blocks in one
+``TalanAdapterSet`` and one running summary per request, sized for the largest slot
+count: an adapter with fewer slots reads and writes the leading ``T`` of them, so the
+slots beyond its own never receive mass. Each step the engine says which adapter every
+row runs (-1: none, which is the TALAN-off and the plain base-model request), and
+``plan_groups`` turns that, on the host, into one group of rows (and their packed tokens)
+per adapter present. ``TalanAdapterSet.perturbation`` then runs each group through its own
+``TalanBlock.perturbation``: the math is the block's, unchanged; this module only routes
+rows to it. docs/design.md ("Many adapters") says what an engine instance can hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from talan_serve.block import STATE_DTYPE, TalanBlock
+from talan_serve.config import TalanConfig, check_connection, connection_layer
+
+NO_ADAPTER = -1
+
+
+class AdapterSetError(ValueError):
+    """An adapter that this set cannot hold (shape, slots, connection point, capacity)."""
+
+
+@dataclass(frozen=True)
+class AdapterSetSpec:
+    """What an engine sizes and wires at start for a set of adapters: the residual width,
+    the per-request state's slot count, and where side paths run."""
+
+    hidden_size: int
+    state_slots: int
+    connection_points: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for point in self.connection_points:
+            connection_layer(point)
+        if self.state_slots < 1 or not self.connection_points:
+            raise AdapterSetError("an adapter set needs at least one state slot and one "
+                                  "connection point")
+
+    @classmethod
+    def covering(
+        cls,
+        configs: Sequence[TalanConfig],
+        hidden_size: int,
+        state_slots: int | None = None,
+        connection_points: Sequence[str] = (),
+    ) -> AdapterSetSpec:
+        """The smallest spec that holds ``configs`` (and the slots and points asked for)."""
+        slots = max([c.n_themes for c in configs] + [state_slots or 1])
+        points = list(dict.fromkeys([*(c.connection_point for c in configs),
+                                     *connection_points]))
+        if not points:
+            raise AdapterSetError("no connection point: give an adapter at start or "
+                                  "--talan-connection-points")
+        return cls(hidden_size, slots, tuple(points))
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        return (self.state_slots, self.hidden_size + 1)
+
+    def check_host(self, hidden_size: int, num_layers: int) -> None:
+        if hidden_size != self.hidden_size:
+            raise AdapterSetError(f"TALAN hidden_size {self.hidden_size} does not fit the "
+                                  f"host model, whose hidden size is {hidden_size}")
+        for point in self.connection_points:
+            check_connection(point, num_layers)
+
+    def build(self) -> TalanAdapterSet:
+        return TalanAdapterSet(self.hidden_size, self.state_slots, self.connection_points)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"hidden_size": self.hidden_size, "state_slots": self.state_slots,
+                "connection_points": list(self.connection_points)}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, object]) -> AdapterSetSpec:
+        return cls(int(record["hidden_size"]), int(record["state_slots"]),
+                   tuple(record["connection_points"]))
+
+    @classmethod
+    def of_config(cls, config: TalanConfig) -> AdapterSetSpec:
+        """One checkpoint's set: its own slots and connection point."""
+        return cls(config.hidden_size, config.n_themes, (config.connection_point,))
+
+
+@dataclass(frozen=True)
+class AdapterGroup:
+    """The rows of one step that run one adapter.
+
+    ``rows`` None: every row of the step. ``tokens``: the rows' packed token positions
+    (None: one token per row, so the same as ``rows``; or every token). ``cu_seqlens``:
+    the group's own sequence offsets (None for a one-token-per-row step).
+    """
+
+    adapter: int
+    rows: Tensor | None
+    tokens: Tensor | None
+    cu_seqlens: Tensor | None
+
+
+def plan_groups(
+    row_adapters: np.ndarray,
+    cu_seqlens_host: np.ndarray | None,
+    cu_seqlens: Tensor | None,
+    device: torch.device,
+    adapters: Iterable[int] | None = None,
+) -> list[AdapterGroup]:
+    """One group per adapter that some row runs, from host-side metadata (no device sync).
+
+    Args:
+        row_adapters: ``(num_reqs,)`` adapter id of every row, ``NO_ADAPTER`` for none.
+        cu_seqlens_host: the step's ``(num_reqs + 1,)`` token offsets on the host, or None
+            for a step of one token per row.
+        cu_seqlens: the same offsets on the device (reused when one group has every row).
+        adapters: only plan these adapter ids (those connected at the calling point).
+    """
+    wanted = None if adapters is None else set(adapters)
+    present = [int(a) for a in np.unique(row_adapters) if a != NO_ADAPTER]
+    groups = []
+    num_reqs = row_adapters.shape[0]
+    for adapter in present:
+        if wanted is not None and adapter not in wanted:
+            continue
+        rows = np.flatnonzero(row_adapters == adapter)
+        if rows.shape[0] == num_reqs:
+            groups.append(AdapterGroup(adapter, None, None, cu_seqlens))
+            continue
+        tokens = sub_cu = None
+        if cu_seqlens_host is not None:
+            starts, ends = cu_seqlens_host[rows], cu_seqlens_host[rows + 1]
+            lengths = ends - starts
+            sub_cu = np.zeros(rows.shape[0] + 1, dtype=np.int64)
+            np.cumsum(lengths, out=sub_cu[1:])
+            # Each row's token range, concatenated: start of the row + offset inside it.
+            tokens = np.repeat(starts - sub_cu[:-1], lengths) + np.arange(sub_cu[-1])
+            tokens, sub_cu = _to(tokens, device), _to(sub_cu, device)
+        groups.append(AdapterGroup(adapter, _to(rows, device), tokens, sub_cu))
+    return groups
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One connection point's share of a step: its adapters' groups, and the rows whose
+    states it writes back (None: every row). Rows of an adapter at another point are not
+    its own: that point may have written their states earlier in the same step."""
+
+    groups: list[AdapterGroup]
+    owned: Tensor | None
+
+
+def plan_step(
+    row_adapters: np.ndarray,
+    cu_seqlens_host: np.ndarray | None,
+    cu_seqlens: Tensor | None,
+    device: torch.device,
+    adapters: Sequence[int],
+) -> StepPlan:
+    """``plan_groups`` for the ``adapters`` at one point, and the rows that point owns:
+    its adapters' and those running none (whose states it keeps as they are)."""
+    groups = plan_groups(row_adapters, cu_seqlens_host, cu_seqlens, device, adapters)
+    owned = np.isin(row_adapters, [*adapters, NO_ADAPTER])
+    return StepPlan(groups, None if owned.all() else _to(np.flatnonzero(owned), device))
+
+
+def _to(array: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(array.astype(np.int64, copy=False)).to(device, non_blocking=True)
+
+
+class TalanAdapterSet(nn.Module):
+    """TALAN blocks by adapter id, over one residual stream of width ``hidden_size``.
+
+    ``state_slots`` is the ``T`` of the shared per-request state; ``connection_points``
+    the places in the host where a side path runs (an adapter must use one of them).
+    """
+
+    def __init__(self, hidden_size: int, state_slots: int, connection_points: Sequence[str]):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.state_slots = state_slots
+        self.connection_points = tuple(connection_points)
+        self.blocks = nn.ModuleDict()
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        return (self.state_slots, self.hidden_size + 1)
+
+    def check(self, config: TalanConfig) -> None:
+        """Raise ``AdapterSetError`` if ``config`` cannot join this set."""
+        if config.hidden_size != self.hidden_size:
+            raise AdapterSetError(
+                f"hidden_size {config.hidden_size} differs from the base model's "
+                f"{self.hidden_size}")
+        if config.n_themes > self.state_slots:
+            raise AdapterSetError(
+                f"n_themes {config.n_themes} is above the {self.state_slots} state slots "
+                "this server was started with (raise --max-talan-slots)")
+        if config.connection_point not in self.connection_points:
+            raise AdapterSetError(
+                f"connection_point {config.connection_point!r} is not one this server "
+                f"runs a side path at ({', '.join(self.connection_points)}); add it with "
+                "--talan-connection-points at start")
+
+    def add(
+        self,
+        adapter: int,
+        config: TalanConfig,
+        state_dict: dict[str, Tensor],
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Load one adapter's block (fp32, frozen) under ``adapter``."""
+        self.check(config)
+        if str(adapter) in self.blocks:
+            raise AdapterSetError(f"adapter {adapter} is loaded already")
+        block = TalanBlock(config)
+        block.load_state_dict(state_dict, strict=True)
+        block.requires_grad_(False)
+        self.blocks[str(adapter)] = block.to(device=device, dtype=torch.float32)
+
+    def remove(self, adapter: int) -> None:
+        if str(adapter) in self.blocks:
+            del self.blocks[str(adapter)]
+
+    def adapters_at(self, point: str) -> list[int]:
+        return [int(key) for key, block in self.blocks.items()
+                if block.config.connection_point == point]
+
+    def block(self, adapter: int) -> TalanBlock:
+        return self.blocks[str(adapter)]
+
+    def empty_state(self, num_seqs: int, device: torch.device | str | None = None) -> Tensor:
+        return torch.zeros(num_seqs, *self.state_shape, dtype=STATE_DTYPE, device=device)
+
+    def perturbation(
+        self,
+        hidden: Tensor,
+        cu_seqlens: Tensor | None,
+        initial_state: Tensor,
+        groups: Sequence[AdapterGroup],
+    ) -> tuple[Tensor, Tensor]:
+        """fp32 ``X~ - X`` for the packed tokens and every row's state after them.
+
+        Rows in no group get a zero delta and keep their state: the adapter-only model.
+        """
+        slots = self.state_slots
+        if len(groups) == 1 and groups[0].rows is None:
+            block = self.block(groups[0].adapter)
+            if block.config.n_themes == slots:
+                return block.perturbation(hidden, cu_seqlens, initial_state)
+        delta = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        final = initial_state.clone()
+        for group in groups:
+            block = self.block(group.adapter)
+            themes = block.config.n_themes
+            if group.rows is None:
+                part, state = block.perturbation(hidden, group.cu_seqlens,
+                                                 initial_state[:, :themes])
+                delta = part
+                final[:, :themes] = state
+                continue
+            tokens = group.rows if group.tokens is None else group.tokens
+            initial = initial_state.index_select(0, group.rows)[:, :themes]
+            part, state = block.perturbation(hidden.index_select(0, tokens), group.cu_seqlens,
+                                             initial)
+            delta.index_copy_(0, tokens, part)
+            final[group.rows, :themes] = state
+        return delta, final
+
+    def dense_perturbation(
+        self,
+        hidden: Tensor,
+        cu_seqlens: Tensor | None,
+        initial_state: Tensor,
+        token_adapters: Tensor,
+        row_adapters: Tensor,
+        adapters: Iterable[int],
+    ) -> tuple[Tensor, Tensor]:
+        """``perturbation`` with static shapes, for CUDA graph capture: every adapter runs
+        on every row and each row keeps its own adapter's result (device-side choice)."""
+        delta = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        final = initial_state
+        for adapter in adapters:
+            block = self.block(adapter)
+            themes = block.config.n_themes
+            part, state = block.perturbation(hidden, cu_seqlens, initial_state[:, :themes])
+            delta = torch.where((token_adapters == adapter).view(-1, 1), part, delta)
+            mine = (row_adapters == adapter).view(-1, 1, 1)
+            final = torch.cat([torch.where(mine, state, final[:, :themes]),
+                               final[:, themes:]], dim=1)
+        return delta, final

@@ -1,0 +1,113 @@
+"""Many adapters over one stream: every row gets exactly its own block's result."""
+
+import numpy as np
+import pytest
+import torch
+
+from talan_serve.adapters import (
+    NO_ADAPTER,
+    AdapterSetError,
+    AdapterSetSpec,
+    plan_groups,
+)
+from talan_serve.block import TalanBlock
+from talan_serve.config import TalanConfig
+from talan_serve.testing import randomize_gate
+
+D = 16
+CONFIGS = {
+    3: dict(network_type="cross_attn", n_themes=2, connection_point="layer_1",
+            integration_type="direct"),
+    5: dict(network_type="per_token_mix", n_themes=4, connection_point="layer_1",
+            clustering_method="soft_mos"),
+    8: dict(network_type="multihead_local", n_themes=3, connection_point="embedding"),
+}
+
+
+def _adapters(seed=0):
+    blocks = {}
+    for adapter, fields in CONFIGS.items():
+        torch.manual_seed(seed + adapter)
+        config = TalanConfig(hidden_size=D, mixer_dim=8, num_heads=2, alpha=0.4, **fields)
+        block = TalanBlock(config)
+        randomize_gate(block, adapter)
+        blocks[adapter] = block
+    spec = AdapterSetSpec.covering([b.config for b in blocks.values()], D)
+    adapters = spec.build()
+    for adapter, block in blocks.items():
+        adapters.add(adapter, block.config, block.state_dict())
+    return blocks, adapters
+
+
+def _run(adapters, point, hidden, lengths, rows, initial):
+    cu_host = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    one_token = all(n == 1 for n in lengths)
+    cu = None if one_token else torch.from_numpy(cu_host)
+    groups = plan_groups(np.array(rows, dtype=np.int64), None if one_token else cu_host, cu,
+                         torch.device("cpu"), adapters.adapters_at(point))
+    return adapters.perturbation(hidden, cu, initial, groups)
+
+
+@pytest.mark.parametrize("point", ["layer_1", "embedding"])
+@pytest.mark.parametrize("lengths", [[3, 1, 5, 2, 4, 1], [1] * 6])
+def test_each_row_equals_its_adapter_alone(point, lengths):
+    blocks, adapters = _adapters()
+    rows = [3, NO_ADAPTER, 5, 8, 3, 5]
+    torch.manual_seed(1)
+    hidden = torch.randn(sum(lengths), D)
+    initial = torch.rand(len(lengths), *adapters.state_shape)
+    initial[..., -1] += 1.0
+    delta, final = _run(adapters, point, hidden, lengths, rows, initial)
+
+    start = 0
+    for row, (adapter, length) in enumerate(zip(rows, lengths, strict=True)):
+        tokens = slice(start, start + length)
+        start += length
+        block = blocks.get(adapter)
+        if block is None or block.config.connection_point != point:
+            # Another point's adapter, or none: the base model here, state untouched.
+            assert torch.equal(delta[tokens], torch.zeros(length, D))
+            assert torch.equal(final[row], initial[row])
+            continue
+        themes = block.config.n_themes
+        cu = torch.tensor([0, length])
+        want_delta, want_state = block.perturbation(hidden[tokens], cu,
+                                                    initial[row:row + 1, :themes])
+        torch.testing.assert_close(delta[tokens], want_delta, rtol=0, atol=1e-6)
+        torch.testing.assert_close(final[row, :themes], want_state[0], rtol=0, atol=1e-6)
+        # Slots beyond the adapter's own T are never written.
+        assert torch.equal(final[row, themes:], initial[row, themes:])
+
+
+def test_one_adapter_on_every_row_is_the_block_itself():
+    blocks, adapters = _adapters()
+    hidden = torch.randn(7, D)
+    initial = torch.zeros(3, *adapters.state_shape)
+    delta, final = _run(adapters, "layer_1", hidden, [2, 4, 1], [5, 5, 5], initial)
+    want, state = blocks[5].perturbation(hidden, torch.tensor([0, 2, 6, 7]),
+                                         initial[:, :4])
+    assert torch.equal(delta, want) and torch.equal(final, state)
+
+
+def test_dense_path_matches_grouped_path():
+    _, adapters = _adapters()
+    rows = torch.tensor([5, 3, NO_ADAPTER, 3, 5])
+    hidden = torch.randn(5, D)
+    initial = torch.rand(5, *adapters.state_shape)
+    grouped = _run(adapters, "layer_1", hidden, [1] * 5, rows.tolist(), initial)
+    dense = adapters.dense_perturbation(hidden, None, initial, rows, rows,
+                                        adapters.adapters_at("layer_1"))
+    for got, want in zip(dense, grouped, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_refusals_name_what_does_not_fit():
+    _, adapters = _adapters()
+    with pytest.raises(AdapterSetError, match="n_themes 9 is above the 4 state slots"):
+        adapters.check(TalanConfig(hidden_size=D, n_themes=9, connection_point="layer_1"))
+    with pytest.raises(AdapterSetError, match="connection_point 'layer_2'"):
+        adapters.check(TalanConfig(hidden_size=D, connection_point="layer_2"))
+    with pytest.raises(AdapterSetError, match="hidden_size 32"):
+        adapters.check(TalanConfig(hidden_size=32, connection_point="layer_1"))
+    with pytest.raises(AdapterSetError, match="loaded already"):
+        adapters.add(3, adapters.block(3).config, adapters.block(3).state_dict())
