@@ -11,25 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.responses import PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict
 
 from server.adapters import AdapterError, ModelNotFoundError, allowed_path
 from server.errors import APIError, bad_request, model_not_found
 from server.http import parse
+from server.schemas import LoadAdapterRequest, UnloadAdapterRequest
 from server.state import ServerState
-
-
-class LoadAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    lora_name: str
-    lora_path: str
-
-
-class UnloadAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    lora_name: str
 
 
 def _check_enabled(state: ServerState) -> None:

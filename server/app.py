@@ -138,18 +138,24 @@ def create_app(
                 **common))
         return ModelList(data=cards)
 
-    async def handle(request: Request, endpoint: str, schema, create) -> Response:
+    async def counted(request: Request, endpoint: str, run) -> Response:
+        """Auth, the body, ``run(body)``, and the request counted by its status."""
         try:
             guard(request)
-            body = parse(schema, await read_json(request, state.settings.max_body_bytes),
-                         REFUSED[endpoint])
-            check_model(body.model)
-            response = await create(state, body, request)
+            response = await run(await read_json(request, state.settings.max_body_bytes))
         except APIError as error:
             state.metrics.requests.labels(endpoint, str(error.status)).inc()
             raise
         state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
+
+    async def handle(request: Request, endpoint: str, schema, create) -> Response:
+        async def run(raw) -> Response:
+            body = parse(schema, raw, REFUSED[endpoint])
+            check_model(body.model)
+            return await create(state, body, request)
+
+        return await counted(request, endpoint, run)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -159,44 +165,30 @@ def create_app(
     async def chat(request: Request) -> Response:
         return await handle(request, "chat", ChatCompletionRequest, create_chat_completion)
 
-    async def tokenizer_endpoint(request: Request, endpoint: str, run) -> Response:
-        try:
-            guard(request)
-            model, response = run(state, await read_json(request,
-                                                         state.settings.max_body_bytes))
+    def tokenizer_endpoint(tokenizer_call):
+        async def run(body) -> Response:
+            model, response = tokenizer_call(state, body)
             check_model(model)
-        except APIError as error:
-            state.metrics.requests.labels(endpoint, str(error.status)).inc()
-            raise
-        state.metrics.requests.labels(endpoint, "200").inc()
-        return response
+            return response
+
+        return run
 
     @app.post("/tokenize")
     async def tokenize_route(request: Request) -> Response:
-        return await tokenizer_endpoint(request, "tokenize", tokenize)
+        return await counted(request, "tokenize", tokenizer_endpoint(tokenize))
 
     @app.post("/detokenize")
     async def detokenize_route(request: Request) -> Response:
-        return await tokenizer_endpoint(request, "detokenize", detokenize)
-
-    async def adapter_endpoint(request: Request, endpoint: str, run) -> Response:
-        try:
-            guard(request)
-            response = await run(state, await read_json(request,
-                                                        state.settings.max_body_bytes))
-        except APIError as error:
-            state.metrics.requests.labels(endpoint, str(error.status)).inc()
-            raise
-        state.metrics.requests.labels(endpoint, "200").inc()
-        return response
+        return await counted(request, "detokenize", tokenizer_endpoint(detokenize))
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter_route(request: Request) -> Response:
-        return await adapter_endpoint(request, "load_adapter", load_adapter)
+        return await counted(request, "load_adapter", lambda body: load_adapter(state, body))
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter_route(request: Request) -> Response:
-        return await adapter_endpoint(request, "unload_adapter", unload_adapter)
+        return await counted(request, "unload_adapter",
+                             lambda body: unload_adapter(state, body))
 
     @app.get("/version")
     async def version() -> VersionResponse:

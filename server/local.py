@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -48,6 +49,13 @@ class LocalServer:
     def client(self, **kwargs) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=120, **kwargs)
+
+    def openai(self) -> Any:
+        """An OpenAI SDK client for this server (no retries: tests see every answer)."""
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key or "unused",
+                             max_retries=0)
 
     def metric(self, name: str, labels: str = "") -> float:
         text = httpx.get(f"{self.base_url}/metrics", timeout=30).text

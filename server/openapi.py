@@ -21,20 +21,24 @@ from server.schemas import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadAdapterRequest,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadAdapterRequest,
     VersionResponse,
 )
 
-# path: (method, request body or None, response body)
-ROUTES: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel]]] = {
+# path: (method, request body or None, response body or None for plain text)
+ROUTES: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel] | None]] = {
     "/v1/completions": ("post", CompletionRequest, CompletionResponse),
     "/v1/chat/completions": ("post", ChatCompletionRequest, ChatCompletionResponse),
     "/tokenize": ("post", TokenizeRequest, TokenizeResponse),
     "/detokenize": ("post", DetokenizeRequest, DetokenizeResponse),
     "/v1/models": ("get", None, ModelList),
     "/version": ("get", None, VersionResponse),
+    "/v1/load_lora_adapter": ("post", LoadAdapterRequest, None),
+    "/v1/unload_lora_adapter": ("post", UnloadAdapterRequest, None),
 }
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"], "properties": {
@@ -63,9 +67,10 @@ def install_openapi(app: FastAPI, version: str) -> None:
             if body is not None:
                 operation["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": _ref(body)}}}
+            content = ({"text/plain": {"schema": {"type": "string"}}} if out is None
+                       else {"application/json": {"schema": _ref(out)}})
             operation["responses"] = {
-                "200": {"description": "OK", "content": {"application/json": {
-                    "schema": _ref(out)}}},
+                "200": {"description": "OK", "content": content},
                 "4XX": {"description": "OpenAI-style error", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Error"}}}},
             }

@@ -328,6 +328,21 @@ class ModelCard(BaseModel):
     parent: str | None = None  # an adapter's base model
 
 
+class LoadAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's fields): a checkpoint served as ``lora_name``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]

@@ -13,17 +13,20 @@ rows to it. docs/design.md ("Many adapters") says what an engine instance can ho
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from talan_serve.block import STATE_DTYPE, TalanBlock
+from talan_serve.block import STATE_DTYPE, TalanBlock, stack_key
 from talan_serve.config import TalanConfig, check_connection, connection_layer
 
 NO_ADAPTER = -1
+# The fewest adapters of a stack present in a step for a stacked call to pay: below it,
+# one small call per adapter is cheaper (bench/results/adapters_cpu_smollm2*.md).
+MIN_STACKED = 3
 
 
 class AdapterSetError(ValueError):
@@ -105,6 +108,9 @@ class AdapterGroup:
     rows: Tensor | None
     tokens: Tensor | None
     cu_seqlens: Tensor | None
+    # A stacked group (one-token steps): ``adapter`` is the stack, ``route`` each row's
+    # adapter in it (``TalanBlock.stacked``).
+    route: Tensor | None = None
 
 
 def plan_groups(
@@ -113,6 +119,7 @@ def plan_groups(
     cu_seqlens: Tensor | None,
     device: torch.device,
     adapters: Iterable[int] | None = None,
+    stacks: Mapping[int, tuple[int, int]] | None = None,
 ) -> list[AdapterGroup]:
     """One group per adapter that some row runs, from host-side metadata (no device sync).
 
@@ -122,15 +129,22 @@ def plan_groups(
             for a step of one token per row.
         cu_seqlens: the same offsets on the device (reused when one group has every row).
         adapters: only plan these adapter ids (those connected at the calling point).
+        stacks: adapter id -> (stack, position in it): the one-token rows (decodes) of
+            ``MIN_STACKED`` or more adapters of a stack make one stacked group.
     """
     wanted = None if adapters is None else set(adapters)
     present = [int(a) for a in np.unique(row_adapters) if a != NO_ADAPTER]
-    groups = []
+    present = [a for a in present if wanted is None or a in wanted]
     num_reqs = row_adapters.shape[0]
+    groups: list[AdapterGroup] = []
+    taken = np.zeros(num_reqs, dtype=bool)
+    if stacks:
+        groups = _stacked_groups(row_adapters, present, stacks, cu_seqlens_host, device, taken)
     for adapter in present:
-        if wanted is not None and adapter not in wanted:
+        mine = row_adapters == adapter
+        rows = np.flatnonzero(mine & ~taken)
+        if rows.shape[0] == 0:
             continue
-        rows = np.flatnonzero(row_adapters == adapter)
         if rows.shape[0] == num_reqs:
             groups.append(AdapterGroup(adapter, None, None, cu_seqlens))
             continue
@@ -144,6 +158,40 @@ def plan_groups(
             tokens = np.repeat(starts - sub_cu[:-1], lengths) + np.arange(sub_cu[-1])
             tokens, sub_cu = _to(tokens, device), _to(sub_cu, device)
         groups.append(AdapterGroup(adapter, _to(rows, device), tokens, sub_cu))
+    return groups
+
+
+def _stacked_groups(
+    row_adapters: np.ndarray,
+    present: list[int],
+    stacks: Mapping[int, tuple[int, int]],
+    cu_seqlens_host: np.ndarray | None,
+    device: torch.device,
+    taken: np.ndarray,
+) -> list[AdapterGroup]:
+    """Stacked groups of one-token rows; marks their rows in ``taken``."""
+    single = (np.ones(row_adapters.shape[0], dtype=bool) if cu_seqlens_host is None
+              else np.diff(cu_seqlens_host) == 1)
+    members: dict[int, list[int]] = {}
+    for adapter in present:
+        if adapter in stacks:
+            members.setdefault(stacks[adapter][0], []).append(adapter)
+    groups = []
+    for stack, adapters in members.items():
+        if len(adapters) < MIN_STACKED:
+            continue
+        position = np.full(int(row_adapters.max()) + 2, -1, dtype=np.int64)
+        for adapter in adapters:
+            position[adapter] = stacks[adapter][1]
+        routes = position[row_adapters]  # NO_ADAPTER reads the last entry: -1
+        rows = np.flatnonzero((routes >= 0) & single)
+        if np.unique(routes[rows]).shape[0] < MIN_STACKED:
+            continue
+        taken[rows] = True
+        whole = cu_seqlens_host is None and rows.shape[0] == row_adapters.shape[0]
+        tokens = None if cu_seqlens_host is None else _to(cu_seqlens_host[rows], device)
+        groups.append(AdapterGroup(stack, None if whole else _to(rows, device), tokens, None,
+                                   _to(routes[rows], device)))
     return groups
 
 
@@ -163,10 +211,11 @@ def plan_step(
     cu_seqlens: Tensor | None,
     device: torch.device,
     adapters: Sequence[int],
+    stacks: Mapping[int, tuple[int, int]] | None = None,
 ) -> StepPlan:
     """``plan_groups`` for the ``adapters`` at one point, and the rows that point owns:
     its adapters' and those running none (whose states it keeps as they are)."""
-    groups = plan_groups(row_adapters, cu_seqlens_host, cu_seqlens, device, adapters)
+    groups = plan_groups(row_adapters, cu_seqlens_host, cu_seqlens, device, adapters, stacks)
     owned = np.isin(row_adapters, [*adapters, NO_ADAPTER])
     return StepPlan(groups, None if owned.all() else _to(np.flatnonzero(owned), device))
 
@@ -188,6 +237,10 @@ class TalanAdapterSet(nn.Module):
         self.state_slots = state_slots
         self.connection_points = tuple(connection_points)
         self.blocks = nn.ModuleDict()
+        # Adapters at one point that share a kind (``block.stack_key``), stacked: one
+        # call for all of them on a one-token step. Rebuilt when the set changes.
+        self.stacked_blocks = nn.ModuleList()
+        self.stack_of: dict[int, tuple[int, int]] = {}
 
     @property
     def state_shape(self) -> tuple[int, int]:
@@ -224,10 +277,26 @@ class TalanAdapterSet(nn.Module):
         block.load_state_dict(state_dict, strict=True)
         block.requires_grad_(False)
         self.blocks[str(adapter)] = block.to(device=device, dtype=torch.float32)
+        self._restack()
 
     def remove(self, adapter: int) -> None:
         if str(adapter) in self.blocks:
             del self.blocks[str(adapter)]
+            self._restack()
+
+    def _restack(self) -> None:
+        kinds: dict[tuple, list[int]] = {}
+        for key, block in self.blocks.items():
+            kind = (block.config.connection_point, stack_key(block.config))
+            kinds.setdefault(kind, []).append(int(key))
+        self.stacked_blocks = nn.ModuleList()
+        self.stack_of = {}
+        for adapters in kinds.values():
+            if len(adapters) < 2:
+                continue
+            stack = len(self.stacked_blocks)
+            self.stacked_blocks.append(TalanBlock.stacked([self.block(a) for a in adapters]))
+            self.stack_of.update({a: (stack, i) for i, a in enumerate(adapters)})
 
     def adapters_at(self, point: str) -> list[int]:
         return [int(key) for key, block in self.blocks.items()
@@ -235,6 +304,11 @@ class TalanAdapterSet(nn.Module):
 
     def block(self, adapter: int) -> TalanBlock:
         return self.blocks[str(adapter)]
+
+    def _block(self, group: AdapterGroup) -> TalanBlock:
+        if group.route is not None:
+            return self.stacked_blocks[group.adapter]
+        return self.block(group.adapter)
 
     def empty_state(self, num_seqs: int, device: torch.device | str | None = None) -> Tensor:
         return torch.zeros(num_seqs, *self.state_shape, dtype=STATE_DTYPE, device=device)
@@ -252,24 +326,25 @@ class TalanAdapterSet(nn.Module):
         """
         slots = self.state_slots
         if len(groups) == 1 and groups[0].rows is None:
-            block = self.block(groups[0].adapter)
+            block = self._block(groups[0])
             if block.config.n_themes == slots:
-                return block.perturbation(hidden, cu_seqlens, initial_state)
+                return block.perturbation(hidden, cu_seqlens, initial_state,
+                                          route=groups[0].route)
         delta = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         final = initial_state.clone()
         for group in groups:
-            block = self.block(group.adapter)
+            block = self._block(group)
             themes = block.config.n_themes
             if group.rows is None:
                 part, state = block.perturbation(hidden, group.cu_seqlens,
-                                                 initial_state[:, :themes])
+                                                 initial_state[:, :themes], route=group.route)
                 delta = part
                 final[:, :themes] = state
                 continue
             tokens = group.rows if group.tokens is None else group.tokens
             initial = initial_state.index_select(0, group.rows)[:, :themes]
             part, state = block.perturbation(hidden.index_select(0, tokens), group.cu_seqlens,
-                                             initial)
+                                             initial, route=group.route)
             delta.index_copy_(0, tokens, part)
             final[group.rows, :themes] = state
         return delta, final

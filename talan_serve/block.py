@@ -15,6 +15,8 @@ CUDA graphs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +32,47 @@ def _f32(tensor: Tensor) -> Tensor:
     return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
-def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    bias = None if layer.bias is None else _f32(layer.bias)
-    return F.linear(x, _f32(layer.weight), bias)
+@dataclass(frozen=True)
+class Route:
+    """Which stacked adapter each token runs (``TalanBlock.stacked``).
+
+    ``index``: ``(n,)`` each token's position in the stack; ``slot_mask``: ``(n, T)`` the
+    slots of that adapter (its own T, the rest padding that never receives mass).
+    """
+
+    index: Tensor
+    tokens: Tensor  # (n,) arange, to pick each token's own adapter out of all of them
+    slot_mask: Tensor
+
+
+def _param(param: Tensor, route: Route | None) -> Tensor:
+    """A parameter as the tokens see it: itself, or each token's adapter's ``(n, ...)``."""
+    return _f32(param) if route is None else _f32(param).index_select(0, route.index)
+
+
+def _linear(layer: nn.Linear, x: Tensor, route: Route | None = None) -> Tensor:
+    if route is None:
+        bias = None if layer.bias is None else _f32(layer.bias)
+        return F.linear(x, _f32(layer.weight), bias)
+    # Stacked (A, out, in): every adapter's output in one matmul, then each token's own.
+    # At decode sizes one op over A adapters costs less than A ops (dispatch-bound).
+    weight = _f32(layer.weight)
+    stacks, out = weight.shape[0], weight.shape[1]
+    every = F.linear(x, weight.reshape(stacks * out, -1))
+    if x.dim() == 2:
+        own = every.view(x.shape[0], stacks, out)[route.tokens, route.index]
+    else:
+        own = every.view(*x.shape[:2], stacks, out)[route.tokens, :, route.index]
+    if layer.bias is None:
+        return own
+    bias = _param(layer.bias, route)
+    return own + (bias if x.dim() == 2 else bias.unsqueeze(1))
+
+
+def _select_slots(stacked: Tensor, route: Route) -> Tensor:
+    """``(n, A * T)`` per-slot values of every adapter -> each token's own ``(n, T)``."""
+    return stacked.view(stacked.shape[0], -1, route.slot_mask.shape[1])[route.tokens,
+                                                                        route.index]
 
 
 # The running summary's dtype, whatever the host's: a sum over the whole context.
@@ -114,15 +154,24 @@ class Summarize(nn.Module):
             self.slot_prior = nn.Parameter(torch.zeros(t))
             self.scale = 1.0 / math.sqrt(r)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, route: Route | None = None) -> Tensor:
+        queries = _f32(self.slot_queries)
+        if route is not None:
+            queries = queries.reshape(-1, queries.shape[-1])  # (A * T, .): every adapter's
         if self.method == "attention":
-            logits = F.linear(hidden, _f32(self.slot_queries)) * self.scale
+            logits = F.linear(hidden, queries)
+            if route is not None:
+                logits = _select_slots(logits, route)
+            logits = logits * self.scale
         else:
-            projected = _linear(self.projection, hidden)
-            logits = torch.add(
-                _f32(self.slot_prior), F.linear(projected, _f32(self.slot_queries)),
-                alpha=self.scale,
-            )
+            projected = _linear(self.projection, hidden, route)
+            scores = F.linear(projected, queries)
+            if route is not None:
+                scores = _select_slots(scores, route)
+            logits = torch.add(_param(self.slot_prior, route), scores, alpha=self.scale)
+        if route is not None:
+            # A stacked adapter's padding slots: exactly zero assignment, so never any mass.
+            logits = logits.masked_fill(~route.slot_mask, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
 
@@ -135,14 +184,15 @@ class MultiheadLocalMixer(nn.Module):
         self.down = nn.Linear(config.hidden_size, config.mixer_dim, bias=False)
         self.up = nn.Linear(config.mixer_dim, config.hidden_size, bias=False)
 
-    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor,
+                route: Route | None = None) -> Tensor:
         n, t, _ = summaries.shape
-        query = _linear(self.down, hidden).view(n, self.num_heads, -1)
-        slots = _linear(self.down, summaries).view(n, t, self.num_heads, -1)
-        return self.up_project(_attend(query, slots, slots))
+        query = _linear(self.down, hidden, route).view(n, self.num_heads, -1)
+        slots = _linear(self.down, summaries, route).view(n, t, self.num_heads, -1)
+        return self.up_project(_attend(query, slots, slots, route), route)
 
-    def up_project(self, mixed: Tensor) -> Tensor:
-        return _linear(self.up, mixed.reshape(mixed.shape[0], -1))
+    def up_project(self, mixed: Tensor, route: Route | None = None) -> Tensor:
+        return _linear(self.up, mixed.reshape(mixed.shape[0], -1), route)
 
 
 class CrossAttnMixer(nn.Module):
@@ -156,11 +206,12 @@ class CrossAttnMixer(nn.Module):
         self.value = nn.Linear(d, r, bias=False)
         self.out = nn.Linear(r, d, bias=False)
 
-    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor) -> Tensor:
-        query = _linear(self.query, hidden).unsqueeze(1)
-        keys = _linear(self.key, summaries).unsqueeze(2)
-        values = _linear(self.value, summaries).unsqueeze(2)
-        return _linear(self.out, _attend(query, keys, values).squeeze(1))
+    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor,
+                route: Route | None = None) -> Tensor:
+        query = _linear(self.query, hidden, route).unsqueeze(1)
+        keys = _linear(self.key, summaries, route).unsqueeze(2)
+        values = _linear(self.value, summaries, route).unsqueeze(2)
+        return _linear(self.out, _attend(query, keys, values, route).squeeze(1), route)
 
 
 class GatedCrossAttnMixer(CrossAttnMixer):
@@ -172,10 +223,12 @@ class GatedCrossAttnMixer(CrossAttnMixer):
         self.gate_down = nn.Linear(2 * d, r, bias=False)
         self.gate_up = nn.Linear(r, d, bias=True)
 
-    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor) -> Tensor:
-        attended = super().forward(hidden, summaries, assignments)
+    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor,
+                route: Route | None = None) -> Tensor:
+        attended = super().forward(hidden, summaries, assignments, route)
         gate_input = torch.cat([hidden, attended], dim=-1)
-        gate = torch.sigmoid(_linear(self.gate_up, _linear(self.gate_down, gate_input)))
+        gate = torch.sigmoid(_linear(self.gate_up, _linear(self.gate_down, gate_input, route),
+                                     route))
         return gate * attended
 
 
@@ -188,19 +241,39 @@ class PerTokenMixer(nn.Module):
         self.fc_in = nn.Linear(2 * d, r)
         self.fc_out = nn.Linear(r, d)
 
-    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor,
+                route: Route | None = None) -> Tensor:
         mixed_summary = (assignments.unsqueeze(-1) * summaries).sum(dim=1)
-        inner = F.gelu(_linear(self.fc_in, torch.cat([hidden, mixed_summary], dim=-1)))
-        return _linear(self.fc_out, inner)
+        inner = F.gelu(_linear(self.fc_in, torch.cat([hidden, mixed_summary], dim=-1), route))
+        return _linear(self.fc_out, inner, route)
 
 
-def _attend(query: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+def _attend(query: Tensor, keys: Tensor, values: Tensor, route: Route | None = None) -> Tensor:
     """Per-token attention over its own slots: query (n, h, c), keys/values (n, T, h, c)."""
     # Broadcast products, not einsum: a token meets only T slots, and einsum's permutes
     # and batched matmul dispatch more ops than the arithmetic is worth.
     scores = (keys * query.unsqueeze(1)).sum(-1) * (1.0 / math.sqrt(query.shape[-1]))
+    if route is not None:
+        scores = scores.masked_fill(~route.slot_mask.unsqueeze(-1), float("-inf"))
     weights = torch.softmax(scores, dim=1)
     return (weights.unsqueeze(-1) * values).sum(1)
+
+
+def stack_key(config: TalanConfig) -> tuple:
+    """What blocks must share to be stacked: every field but the slot count and alpha (the
+    slot-indexed weights are padded; alpha is a weight like any other)."""
+    fields = config.to_dict()
+    for free in ("n_themes", "alpha", "trainable", "grad_scale", "freeze_steps",
+                 "activate_steps", "connection_point"):
+        fields.pop(free)
+    return tuple(sorted(fields.items()))
+
+
+def _pad_slots(name: str, param: Tensor, themes: int) -> Tensor:
+    """The slot-indexed weights (slot queries and prior) padded with zeros to ``themes``."""
+    if name.startswith("summarize.slot_"):
+        return F.pad(param, (0, 0) * (param.dim() - 1) + (0, themes - param.shape[0]))
+    return param
 
 
 MIXERS: dict[str, type[nn.Module]] = {
@@ -230,13 +303,18 @@ class Writeback(nn.Module):
             self.gate_proj = nn.Parameter(torch.zeros(2 * d))
             self.gate_bias = nn.Parameter(torch.zeros(()))
 
-    def forward(self, hidden: Tensor, perturbation: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, perturbation: Tensor, route: Route | None = None) -> Tensor:
         """The additive update ``X~ - X``."""
         if self.integration == "direct":
-            return _f32(self.alpha) * perturbation
-        modulation = torch.mv(torch.cat([hidden, perturbation], dim=-1), _f32(self.gate_proj))
-        modulation = 2.0 * torch.sigmoid(modulation + _f32(self.gate_bias))
-        return _f32(self.gate_value) * modulation.unsqueeze(-1) * perturbation
+            alpha = _param(self.alpha, route)
+            return (alpha if route is None else alpha.unsqueeze(-1)) * perturbation
+        gate_input = torch.cat([hidden, perturbation], dim=-1)
+        if route is None:
+            modulation = torch.mv(gate_input, _f32(self.gate_proj))
+        else:
+            modulation = (gate_input * _param(self.gate_proj, route)).sum(-1)
+        modulation = 2.0 * torch.sigmoid(modulation + _param(self.gate_bias, route))
+        return _param(self.gate_value, route) * modulation.unsqueeze(-1) * perturbation
 
 
 class TalanBlock(nn.Module):
@@ -260,6 +338,7 @@ class TalanBlock(nn.Module):
         cu_seqlens: Tensor | None,
         initial_state: Tensor | None = None,
         token_weight: Tensor | None = None,
+        route: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """fp32 ``X~ - X`` for packed tokens, and each sequence's state after them.
 
@@ -270,11 +349,13 @@ class TalanBlock(nn.Module):
             initial_state: ``(B, T, d + 1)`` carried state; None for fresh sequences.
             token_weight: ``(num_tokens,)`` 1 for real tokens, 0 for padding, which then
                 contributes nothing to any summary.
+            route: a stacked block's (``stacked``) ``(num_tokens,)`` adapter per token.
         """
         if torch.is_autocast_enabled(hidden.device.type):
             with torch.autocast(device_type=hidden.device.type, enabled=False):
-                return self._perturbation(hidden, cu_seqlens, initial_state, token_weight)
-        return self._perturbation(hidden, cu_seqlens, initial_state, token_weight)
+                return self._perturbation(hidden, cu_seqlens, initial_state, token_weight,
+                                          route)
+        return self._perturbation(hidden, cu_seqlens, initial_state, token_weight, route)
 
     def _perturbation(
         self,
@@ -282,18 +363,23 @@ class TalanBlock(nn.Module):
         cu_seqlens: Tensor | None,
         initial_state: Tensor | None,
         token_weight: Tensor | None,
+        route: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         x = _f32(hidden)
         if initial_state is None:
             num_seqs = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
             initial_state = empty_state(self.config, num_seqs, x.device)
-        assignments = self.summarize(x)
+        routed = None
+        if route is not None:
+            routed = Route(route, torch.arange(route.shape[0], device=route.device),
+                           self.slot_mask.index_select(0, route))
+        assignments = self.summarize(x, routed)
         if token_weight is not None:
             assignments = assignments * token_weight.to(assignments.dtype).unsqueeze(-1)
         summaries, state = running_summary(
             x, assignments, cu_seqlens, initial_state, self.config.eps
         )
-        return self.writeback(x, self.mixer(x, summaries, assignments)), state
+        return self.writeback(x, self.mixer(x, summaries, assignments, routed), routed), state
 
     def forward(
         self,
@@ -320,6 +406,30 @@ class TalanBlock(nn.Module):
         weight = None if attention_mask is None else attention_mask.reshape(-1)
         out, state = self.forward(hidden.reshape(-1, dim), cu_seqlens, initial_state, weight)
         return out.view(batch, seq_len, dim), state
+
+    @classmethod
+    def stacked(cls, blocks: Sequence[TalanBlock]) -> TalanBlock:
+        """One block holding ``blocks``' weights stacked: its parameters have a leading
+        adapter dimension, and ``perturbation(..., route=...)`` runs each token through
+        its own adapter's weights. The blocks must share every config field but
+        ``n_themes`` and ``alpha`` (``stack_key``); slots beyond an adapter's own T are
+        padding, masked out of the assignment and the mixer's attention."""
+        keys = {stack_key(block.config) for block in blocks}
+        if len(keys) != 1:
+            raise ValueError(f"blocks of different kinds cannot be stacked: {keys}")
+        themes = max(block.config.n_themes for block in blocks)
+        stack = cls(replace(blocks[0].config, n_themes=themes))
+        stack.requires_grad_(False)
+        for name, _ in list(stack.named_parameters()):
+            parts = [_pad_slots(name, block.get_parameter(name).detach().float(), themes)
+                     for block in blocks]
+            module_name, _, leaf = name.rpartition(".")
+            module = stack.get_submodule(module_name) if module_name else stack
+            setattr(module, leaf, nn.Parameter(torch.stack(parts), requires_grad=False))
+        counts = torch.tensor([block.config.n_themes for block in blocks])
+        stack.register_buffer("slot_mask", torch.arange(themes) < counts.unsqueeze(1),
+                              persistent=False)
+        return stack.to(next(blocks[0].parameters()).device)
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """``gate``: alpha and the gate; ``body``: the rest (what grad_scale multiplies)."""

@@ -111,3 +111,102 @@ def test_refusals_name_what_does_not_fit():
         adapters.check(TalanConfig(hidden_size=32, connection_point="layer_1"))
     with pytest.raises(AdapterSetError, match="loaded already"):
         adapters.add(3, adapters.block(3).config, adapters.block(3).state_dict())
+
+
+def test_stacked_block_runs_each_token_through_its_own_adapter():
+    """Same kind, different T and weights: one stacked call equals each block alone."""
+    blocks = []
+    for seed, themes in enumerate((2, 5, 3)):
+        torch.manual_seed(seed)
+        config = TalanConfig(hidden_size=D, mixer_dim=8, num_heads=2, alpha=0.2 + seed,
+                             n_themes=themes, network_type="gated_cross_attn",
+                             clustering_method="soft_mos")
+        block = TalanBlock(config)
+        randomize_gate(block, seed)
+        blocks.append(block)
+    stack = TalanBlock.stacked(blocks)
+    route = torch.tensor([1, 0, 2, 1, 0])
+    hidden = torch.randn(5, D)
+    initial = torch.zeros(5, 5, D + 1)
+    initial[..., :] = torch.rand(5, 5, D + 1)
+    for row, position in enumerate(route.tolist()):  # a stacked state: zero past its own T
+        initial[row, blocks[position].config.n_themes:] = 0.0
+    delta, state = stack.perturbation(hidden, None, initial, route=route)
+    for row, position in enumerate(route.tolist()):
+        themes = blocks[position].config.n_themes
+        want, want_state = blocks[position].perturbation(hidden[row:row + 1], None,
+                                                         initial[row:row + 1, :themes])
+        torch.testing.assert_close(delta[row:row + 1], want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(state[row, :themes], want_state[0], rtol=0, atol=1e-5)
+        assert torch.equal(state[row, themes:], torch.zeros_like(state[row, themes:]))
+
+
+@pytest.mark.parametrize("network_type", ["multihead_local", "cross_attn", "per_token_mix"])
+def test_set_stacks_same_kind_adapters_for_one_token_steps(network_type):
+    blocks = {}
+    for adapter, themes in ((4, 2), (6, 4), (9, 3)):
+        torch.manual_seed(adapter)
+        config = TalanConfig(hidden_size=D, mixer_dim=8, num_heads=2, n_themes=themes,
+                             network_type=network_type, integration_type="direct",
+                             connection_point="layer_1", alpha=0.1 * adapter)
+        blocks[adapter] = TalanBlock(config)
+    adapters = AdapterSetSpec.covering([b.config for b in blocks.values()], D).build()
+    for adapter, block in blocks.items():
+        adapters.add(adapter, block.config, block.state_dict())
+    assert len(adapters.stacked_blocks) == 1
+    rows = np.array([6, 4, NO_ADAPTER, 9, 6, 4], dtype=np.int64)
+    groups = plan_groups(rows, None, None, torch.device("cpu"), [4, 6, 9], adapters.stack_of)
+    assert [g.route is not None for g in groups] == [True]
+    hidden = torch.randn(6, D)
+    initial = torch.zeros(6, *adapters.state_shape)
+    delta, final = adapters.perturbation(hidden, None, initial, groups)
+    for row, adapter in enumerate(rows.tolist()):
+        if adapter == NO_ADAPTER:
+            assert torch.equal(delta[row], torch.zeros(D))
+            continue
+        themes = blocks[adapter].config.n_themes
+        want, _ = blocks[adapter].perturbation(hidden[row:row + 1], None,
+                                               initial[row:row + 1, :themes])
+        torch.testing.assert_close(delta[row:row + 1], want, rtol=0, atol=1e-5)
+    adapters.remove(6)
+    assert set(adapters.stack_of) == {4, 9}
+
+
+def test_decoding_rows_of_a_packed_step_are_stacked():
+    """A step that prefills some rows and decodes others: the decoding rows of one kind
+    run stacked, the rest per adapter, and every row still equals its block alone."""
+    blocks = {}
+    for adapter, themes in ((4, 2), (6, 4), (7, 3)):
+        torch.manual_seed(adapter)
+        config = TalanConfig(hidden_size=D, mixer_dim=8, num_heads=2, n_themes=themes,
+                             connection_point="layer_1", alpha=0.3)
+        blocks[adapter] = TalanBlock(config)
+        randomize_gate(blocks[adapter], adapter)
+    adapters = AdapterSetSpec.covering([b.config for b in blocks.values()], D).build()
+    for adapter, block in blocks.items():
+        adapters.add(adapter, block.config, block.state_dict())
+    rows, lengths = [4, 6, 6, NO_ADAPTER, 4, 7], [1, 1, 5, 2, 3, 1]
+    cu_host = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    groups = plan_groups(np.array(rows), cu_host, torch.from_numpy(cu_host),
+                         torch.device("cpu"), [4, 6, 7], adapters.stack_of)
+    assert sorted(g.route is not None for g in groups) == [False, False, True]
+    # Fewer than MIN_STACKED adapters present: one plain call each.
+    assert all(g.route is None for g in plan_groups(
+        np.array(rows[:5]), cu_host[:6], None, torch.device("cpu"), [4, 6, 7],
+        adapters.stack_of))
+    hidden = torch.randn(int(cu_host[-1]), D)
+    initial = torch.rand(6, *adapters.state_shape)
+    for row, adapter in enumerate(rows):  # a resumed state: zero past the adapter's own T
+        if adapter != NO_ADAPTER:
+            initial[row, blocks[adapter].config.n_themes:] = 0.0
+    delta, final = adapters.perturbation(hidden, torch.from_numpy(cu_host), initial, groups)
+    for row, adapter in enumerate(rows):
+        tokens = slice(int(cu_host[row]), int(cu_host[row + 1]))
+        if adapter == NO_ADAPTER:
+            assert torch.equal(final[row], initial[row])
+            continue
+        themes = blocks[adapter].config.n_themes
+        want, state = blocks[adapter].perturbation(
+            hidden[tokens], torch.tensor([0, lengths[row]]), initial[row:row + 1, :themes])
+        torch.testing.assert_close(delta[tokens], want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(final[row, :themes], state[0], rtol=0, atol=1e-5)

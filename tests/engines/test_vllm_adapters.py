@@ -28,6 +28,11 @@ ADAPTERS = {
             clustering_method="soft_mos", seed=2),
     3: dict(network_type="gated_cross_attn", n_themes=3, connection_point="layer_2",
             lora=False, seed=3),
+    # Adapter 1's kind with other T: the three are stacked for one-token rows.
+    4: dict(network_type="cross_attn", n_themes=3, connection_point="layer_1",
+            integration_type="direct", seed=4),
+    5: dict(network_type="cross_attn", n_themes=4, connection_point="layer_1",
+            integration_type="direct", seed=5, lora=False),
 }
 
 
@@ -116,27 +121,39 @@ def assert_parity(references, requests: list[Request], outputs) -> None:
 
 
 def mixed_requests(seed: int) -> list[Request]:
-    prompts = random_prompts([5, 150, 33, 90, 2, 70, 12, 40, 9], 500, seed=seed)
-    routes = [(1, True), (2, True), (3, True), (None, True), (1, False), (2, True),
-              (3, False), (1, True), (3, True)]
+    prompts = random_prompts([5, 7, 4, 150, 33, 90, 2, 70, 12, 40, 9, 21], 500, seed=seed)
+    routes = [(1, True), (4, True), (5, True), (2, True), (3, True), (None, True), (1, False),
+              (2, True), (3, False), (4, True), (3, True), (4, False)]
     return [Request(p, a, t) for p, (a, t) in zip(prompts, routes, strict=True)]
 
 
-def test_mixed_adapters_base_and_off_in_one_batch(served):
+def test_mixed_adapters_base_and_off_in_one_batch(served, monkeypatch):
     """150- and 90-token prompts are prefilled in 64-token chunks beside the others."""
+    from talan_serve import adapters
+
     llm, checkpoints, references = served
+    stacked = []
+    plan = adapters._stacked_groups
+
+    def spy(*args):
+        groups = plan(*args)
+        stacked.extend(group.route.unique().numel() for group in groups)
+        return groups
+
+    monkeypatch.setattr(adapters, "_stacked_groups", spy)
     requests = mixed_requests(seed=11)
     outputs = generate(llm, checkpoints, requests)
     assert_parity(references, requests, outputs)
+    assert 3 in stacked  # decoding rows of adapters 1, 4 and 5 ran in one stacked call
     for request, output in zip(requests, outputs, strict=True):
         (alone,) = generate(llm, checkpoints, [request])
         assert alone.outputs[0].token_ids == output.outputs[0].token_ids, request
     # The adapters really differ: the same prompt through each gives other logprobs.
     prompt = requests[0].prompt
-    outs = generate(llm, checkpoints, [Request(prompt, a) for a in (1, 2, 3, None)])
+    outs = generate(llm, checkpoints, [Request(prompt, a) for a in (*ADAPTERS, None)])
     firsts = {round(o.outputs[0].logprobs[0][o.outputs[0].token_ids[0]].logprob, 5)
               for o in outs}
-    assert len(firsts) == 4
+    assert len(firsts) == len(ADAPTERS) + 1
 
 
 def test_prefix_cache_hits_stay_within_an_adapter(served):
@@ -175,7 +192,7 @@ def test_adapter_loaded_late_and_unloaded(served, tiny_model, tmp_path: Path):
                       outputs)
     finally:
         llm.collective_rpc("talan_unload_adapter", args=(9,))
-    assert llm.collective_rpc("talan_loaded_adapters") == [[1, 2, 3]]
+    assert llm.collective_rpc("talan_loaded_adapters") == [sorted(ADAPTERS)]
     after = generate(llm, checkpoints, [requests[0], requests[2]])
     for old, new in zip(before, after, strict=True):
         assert old.outputs[0].token_ids == new.outputs[0].token_ids

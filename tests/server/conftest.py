@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import openai
 import pytest
 
-from tests.server.support import API_KEY, MAX_LEN, start_server
+from tests.server.support import MAX_LEN, start_server
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,7 @@ def server(model_dir, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="package")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+    return server.openai()
 
 
 @pytest.fixture(scope="package")

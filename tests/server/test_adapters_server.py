@@ -13,7 +13,7 @@ import shutil
 import openai
 import pytest
 
-from tests.server.support import API_KEY, SERVED_NAME, start_server
+from tests.server.support import SERVED_NAME, start_server
 from tests.server.test_talan_server import TOL, greedy
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def server(setup, workdir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+    return server.openai()
 
 
 @pytest.fixture(scope="module")

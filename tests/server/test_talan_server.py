@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 
-import openai
 import pytest
 import torch
 
@@ -45,7 +44,7 @@ def unmerged_client(checkpoint, workdir):
     proc = start_server(model_dir, workdir, "--talan", str(ckpt), "--no-merge-lora")
     with proc.client() as c:
         assert c.get("/v1/models").json()["data"][0]["adapter"] == "per_request"
-    yield openai.OpenAI(base_url=f"{proc.base_url}/v1", api_key=API_KEY, max_retries=0)
+    yield proc.openai()
     proc.stop()
 
 
@@ -59,7 +58,7 @@ def reference(checkpoint):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+    return server.openai()
 
 
 def greedy(model, ids: list[int], steps: int, talan: bool) -> tuple[list[int], list[float]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 
 from tests.server.support import (
@@ -60,7 +59,7 @@ def server(checkpoint, workdir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+    return server.openai()
 
 
 @pytest.fixture(scope="module")

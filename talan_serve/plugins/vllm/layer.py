@@ -111,9 +111,11 @@ class TalanStateLayer(MambaBase, nn.Module):
             # A decode step's plan depends on the rows only: kept until they change.
             plan = self._decode_plans.get(point)
             if plan is None:
-                plan = self._decode_plans[point] = plan_step(rows, None, None, device, adapters)
+                plan = self._decode_plans[point] = plan_step(
+                    rows, None, None, device, adapters, self.adapters.stack_of)
             return plan
-        return plan_step(rows, metadata.cu_seqlens_host, metadata.cu_seqlens, device, adapters)
+        return plan_step(rows, metadata.cu_seqlens_host, metadata.cu_seqlens, device, adapters,
+                         self.adapters.stack_of)
 
     def side_path(self, stream: torch.Tensor, point: str) -> torch.Tensor:
         """``X~ - X`` at connection ``point``, in ``stream``'s shape and dtype (zero for
