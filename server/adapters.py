@@ -96,7 +96,7 @@ class AdapterRegistry:
             raise AdapterError(f"adapter {name!r}: {error}") from error
         if checkpoint.has_talan:
             try:
-                self.spec.build().check(checkpoint.config)
+                self.spec.check(checkpoint.config)
             except AdapterSetError as error:
                 raise AdapterError(f"adapter {name!r}: {error}") from error
         rank = _lora_rank(checkpoint)

@@ -77,8 +77,24 @@ class AdapterSetSpec:
         for point in self.connection_points:
             check_connection(point, num_layers)
 
+    def check(self, config: TalanConfig) -> None:
+        """Raise ``AdapterSetError`` if an adapter of ``config`` cannot join such a set."""
+        if config.hidden_size != self.hidden_size:
+            raise AdapterSetError(
+                f"hidden_size {config.hidden_size} differs from the base model's "
+                f"{self.hidden_size}")
+        if config.n_themes > self.state_slots:
+            raise AdapterSetError(
+                f"n_themes {config.n_themes} is above the {self.state_slots} state slots "
+                "this server was started with (raise --max-talan-slots)")
+        if config.connection_point not in self.connection_points:
+            raise AdapterSetError(
+                f"connection_point {config.connection_point!r} is not one this server "
+                f"runs a side path at ({', '.join(self.connection_points)}); add it with "
+                "--talan-connection-points at start")
+
     def build(self) -> TalanAdapterSet:
-        return TalanAdapterSet(self.hidden_size, self.state_slots, self.connection_points)
+        return TalanAdapterSet(self)
 
     def to_dict(self) -> dict[str, object]:
         return {"hidden_size": self.hidden_size, "state_slots": self.state_slots,
@@ -225,42 +241,31 @@ def _to(array: np.ndarray, device: torch.device) -> Tensor:
 
 
 class TalanAdapterSet(nn.Module):
-    """TALAN blocks by adapter id, over one residual stream of width ``hidden_size``.
+    """TALAN blocks by adapter id, as ``spec`` sizes and wires them: the residual width,
+    the ``T`` of the shared per-request state, and the connection points (an adapter must
+    use one of them)."""
 
-    ``state_slots`` is the ``T`` of the shared per-request state; ``connection_points``
-    the places in the host where a side path runs (an adapter must use one of them).
-    """
-
-    def __init__(self, hidden_size: int, state_slots: int, connection_points: Sequence[str]):
+    def __init__(self, spec: AdapterSetSpec):
         super().__init__()
-        self.hidden_size = hidden_size
-        self.state_slots = state_slots
-        self.connection_points = tuple(connection_points)
+        self.spec = spec
         self.blocks = nn.ModuleDict()
         # Adapters at one point that share a kind (``block.stack_key``), stacked: one
         # call for all of them on a one-token step. Rebuilt when the set changes.
         self.stacked_blocks = nn.ModuleList()
         self.stack_of: dict[int, tuple[int, int]] = {}
+        self._at_point: dict[str, list[int]] = {}
+
+    @property
+    def state_slots(self) -> int:
+        return self.spec.state_slots
 
     @property
     def state_shape(self) -> tuple[int, int]:
-        return (self.state_slots, self.hidden_size + 1)
+        return self.spec.state_shape
 
     def check(self, config: TalanConfig) -> None:
         """Raise ``AdapterSetError`` if ``config`` cannot join this set."""
-        if config.hidden_size != self.hidden_size:
-            raise AdapterSetError(
-                f"hidden_size {config.hidden_size} differs from the base model's "
-                f"{self.hidden_size}")
-        if config.n_themes > self.state_slots:
-            raise AdapterSetError(
-                f"n_themes {config.n_themes} is above the {self.state_slots} state slots "
-                "this server was started with (raise --max-talan-slots)")
-        if config.connection_point not in self.connection_points:
-            raise AdapterSetError(
-                f"connection_point {config.connection_point!r} is not one this server "
-                f"runs a side path at ({', '.join(self.connection_points)}); add it with "
-                "--talan-connection-points at start")
+        self.spec.check(config)
 
     def add(
         self,
@@ -277,18 +282,21 @@ class TalanAdapterSet(nn.Module):
         block.load_state_dict(state_dict, strict=True)
         block.requires_grad_(False)
         self.blocks[str(adapter)] = block.to(device=device, dtype=torch.float32)
-        self._restack()
+        self._reindex()
 
     def remove(self, adapter: int) -> None:
         if str(adapter) in self.blocks:
             del self.blocks[str(adapter)]
-            self._restack()
+            self._reindex()
 
-    def _restack(self) -> None:
+    def _reindex(self) -> None:
+        """The adapters by connection point, and the stacks (read on every step)."""
         kinds: dict[tuple, list[int]] = {}
+        self._at_point = {}
         for key, block in self.blocks.items():
-            kind = (block.config.connection_point, stack_key(block.config))
-            kinds.setdefault(kind, []).append(int(key))
+            point = block.config.connection_point
+            self._at_point.setdefault(point, []).append(int(key))
+            kinds.setdefault((point, stack_key(block.config)), []).append(int(key))
         self.stacked_blocks = nn.ModuleList()
         self.stack_of = {}
         for adapters in kinds.values():
@@ -299,8 +307,7 @@ class TalanAdapterSet(nn.Module):
             self.stack_of.update({a: (stack, i) for i, a in enumerate(adapters)})
 
     def adapters_at(self, point: str) -> list[int]:
-        return [int(key) for key, block in self.blocks.items()
-                if block.config.connection_point == point]
+        return self._at_point.get(point, [])
 
     def block(self, adapter: int) -> TalanBlock:
         return self.blocks[str(adapter)]
@@ -352,22 +359,21 @@ class TalanAdapterSet(nn.Module):
     def dense_perturbation(
         self,
         hidden: Tensor,
-        cu_seqlens: Tensor | None,
         initial_state: Tensor,
-        token_adapters: Tensor,
         row_adapters: Tensor,
         adapters: Iterable[int],
     ) -> tuple[Tensor, Tensor]:
-        """``perturbation`` with static shapes, for CUDA graph capture: every adapter runs
-        on every row and each row keeps its own adapter's result (device-side choice)."""
+        """``perturbation`` of a one-token-per-row step with static shapes, for CUDA graph
+        capture: every adapter runs on every row and each row keeps its own adapter's
+        result (a device-side choice by ``row_adapters``)."""
         delta = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         final = initial_state
         for adapter in adapters:
             block = self.block(adapter)
             themes = block.config.n_themes
-            part, state = block.perturbation(hidden, cu_seqlens, initial_state[:, :themes])
-            delta = torch.where((token_adapters == adapter).view(-1, 1), part, delta)
+            part, state = block.perturbation(hidden, None, initial_state[:, :themes])
             mine = (row_adapters == adapter).view(-1, 1, 1)
+            delta = torch.where(mine.view(-1, 1), part, delta)
             final = torch.cat([torch.where(mine, state, final[:, :themes]),
                                final[:, themes:]], dim=1)
         return delta, final

@@ -95,8 +95,7 @@ def test_dense_path_matches_grouped_path():
     hidden = torch.randn(5, D)
     initial = torch.rand(5, *adapters.state_shape)
     grouped = _run(adapters, "layer_1", hidden, [1] * 5, rows.tolist(), initial)
-    dense = adapters.dense_perturbation(hidden, None, initial, rows, rows,
-                                        adapters.adapters_at("layer_1"))
+    dense = adapters.dense_perturbation(hidden, initial, rows, adapters.adapters_at("layer_1"))
     for got, want in zip(dense, grouped, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 

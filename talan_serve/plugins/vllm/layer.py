@@ -150,8 +150,7 @@ class TalanStateLayer(MambaBase, nn.Module):
         if capturing:
             # A captured graph replays whatever the rows become: it holds every adapter.
             rows = self.row_adapter_buffer[: metadata.num_reqs]
-            delta, final = self.adapters.dense_perturbation(hidden, cu_seqlens, initial,
-                                                            rows, rows, adapters)
+            delta, final = self.adapters.dense_perturbation(hidden, initial, rows, adapters)
             states.index_copy_(0, slots, final)
         else:
             delta, final = self.adapters.perturbation(hidden, cu_seqlens, initial, plan.groups)
