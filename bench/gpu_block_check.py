@@ -83,27 +83,34 @@ def check_parity(device: str = "cuda") -> dict:
 
 
 class DecodeStep:
-    """The vLLM layer's one-token step on fixed buffers (what a full CUDA graph captures)."""
+    """The vLLM layer's captured one-token step on fixed buffers: a set of one adapter
+    (id 0, as a one-checkpoint server holds it), ``dense_perturbation`` by row adapter
+    ids (-1: TALAN off), then the state scatter."""
 
     def __init__(self, block: TalanBlock, batch: int, slots: int, dtype: torch.dtype):
+        from talan_serve.adapters import AdapterSetSpec
+
         config = block.config
         device = next(block.parameters()).device
-        self.block = block
+        self.adapters = AdapterSetSpec.of_config(config).build()
+        self.adapters.add(0, config, block.state_dict(), device=device)
         self.states = torch.zeros(slots, config.n_themes, config.hidden_size + 1,
                                   device=device)
         self.hidden = torch.zeros(batch, config.hidden_size, device=device, dtype=dtype)
         self.slots = torch.arange(batch, device=device, dtype=torch.long) * 2 + 1
         self.resume = torch.zeros(batch, device=device, dtype=torch.bool)
         self.enabled = torch.ones(batch, device=device, dtype=torch.bool)
+        self.rows = torch.zeros(batch, device=device, dtype=torch.long)
         self.delta = torch.zeros(batch, config.hidden_size, device=device, dtype=dtype)
 
     def __call__(self) -> None:
         initial = torch.where(self.resume.view(-1, 1, 1),
                               self.states.index_select(0, self.slots), 0.0)
-        delta, final = self.block.perturbation(self.hidden, None, initial)
-        self.states.index_copy_(0, self.slots,
-                                torch.where(self.enabled.view(-1, 1, 1), final, initial))
-        self.delta.copy_(torch.where(self.enabled.view(-1, 1), delta, 0.0))
+        # The switch's per-row adapter ids, as TalanSwitch writes them: 0 on, -1 off.
+        self.rows.copy_(self.enabled.long() - 1)
+        delta, final = self.adapters.dense_perturbation(self.hidden, initial, self.rows, [0])
+        self.states.index_copy_(0, self.slots, final)
+        self.delta.copy_(delta)
 
 
 def capture(step: DecodeStep) -> torch.cuda.CUDAGraph:
