@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from patches import on_vllm_cpu
+
 TARGET_VERSION = "0.32.0"
 PATCHED_FUNCTIONS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 _APPLIED = False
@@ -77,10 +79,7 @@ def apply() -> bool:
     global _APPLIED
     if _APPLIED:
         return True
-    import vllm
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu() or vllm.__version__ != TARGET_VERSION:
+    if not on_vllm_cpu(TARGET_VERSION):
         return False
     for module in targets():
         for name in PATCHED_FUNCTIONS:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 
+from patches import on_vllm_cpu
+
 TARGET_VERSION = "0.32.0"
 _APPLIED = False
 
@@ -45,10 +47,7 @@ def apply() -> bool:
     global _APPLIED
     if _APPLIED:
         return True
-    import vllm
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu() or vllm.__version__ != TARGET_VERSION:
+    if not on_vllm_cpu(TARGET_VERSION):
         return False
     runner = target()
     original = runner.sync_and_gather_intermediate_tensors
