@@ -129,6 +129,9 @@ def resolve(args: argparse.Namespace) -> Plan:
                         "adapters on one base model are served with --engine vllm")
     if args.talan:
         raise PlanError("--talan with --adapters: give that checkpoint as NAME=CKPT")
+    if args.data_parallel_size > 1:
+        # Adapters are loaded into the workers of one engine; replicas would not all get them.
+        raise PlanError("--adapters with --data-parallel-size: run one server per replica")
     adapters: dict[str, str] = {}
     base_name = served
     if checkpoint is not None:

@@ -78,6 +78,7 @@ def test_adapters_resolve_to_a_base_and_named_checkpoints(tmp_path):
         (["--adapters", f"x={tmp_path / 'missing'}"], "no such checkpoint directory"),
         (["--adapters", f"x={twin}", "--engine", "sglang"], "serves one checkpoint"),
         (["--adapters", f"x={twin}", "--talan", str(twin)], "give that checkpoint as"),
+        (["--adapters", f"x={twin}", "-dp", "2"], "one server per replica"),
     ):
         with pytest.raises(PlanError, match=message):
             resolve(build_parser().parse_args(argv))
