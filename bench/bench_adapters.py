@@ -53,6 +53,8 @@ def parse_args() -> argparse.Namespace:
                         help="adapters at two connection points (layer_4, layer_8) instead "
                              "of one (layer_4)")
     parser.add_argument("--out", default="bench/results/adapters_cpu_smollm2")
+    parser.add_argument("--side-path-only", action="store_true",
+                        help="only time the side path alone (no engine) and print it")
     return parser.parse_args()
 
 
@@ -83,7 +85,8 @@ def side_path_ms(checkpoints: dict, batch: int, repeats: int = 200) -> dict[str,
     from talan_serve.adapters import AdapterSetSpec, plan_groups
 
     configs = [c.config for c in checkpoints.values()]
-    adapters = AdapterSetSpec.covering(configs, configs[0].hidden_size).build()
+    adapters = AdapterSetSpec.covering(configs, configs[0].hidden_size,
+                                       max_adapters=max(COUNTS)).build()
     for adapter, checkpoint in checkpoints.items():
         adapters.add(adapter, checkpoint.config, checkpoint.state_dict)
     generator = torch.Generator().manual_seed(0)
@@ -124,8 +127,11 @@ def main() -> None:
     checkpoints = {i: load_checkpoint(p)
                    for i, p in build_adapters(base, work, args.spread_points,
                                               args.kinds).items()}
+    if args.side_path_only:
+        print(side_path_ms(checkpoints, max(args.batches)))
+        return
     spec = AdapterSetSpec.covering([c.config for c in checkpoints.values()],
-                                   checkpoints[1].config.hidden_size)
+                                   checkpoints[1].config.hidden_size, max_adapters=max(COUNTS))
     folder = prepare_adapter_host(base, work / "prepared", spec)
     max_batch = max(args.batches)
     start = time.perf_counter()

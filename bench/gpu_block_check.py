@@ -108,7 +108,8 @@ class DecodeStep:
                               self.states.index_select(0, self.slots), 0.0)
         # The switch's per-row adapter ids, as TalanSwitch writes them: 0 on, -1 off.
         self.rows.copy_(self.enabled.long() - 1)
-        delta, final = self.adapters.dense_perturbation(self.hidden, initial, self.rows, [0])
+        delta, final = self.adapters.dense_perturbation(self.hidden, initial, self.rows,
+                                                        self.adapters.spec.connection_points[0])
         self.states.index_copy_(0, self.slots, final)
         self.delta.copy_(delta)
 
@@ -221,23 +222,33 @@ def check_timing() -> dict:
 
 
 def check_sglang_step(device: str = "cuda") -> dict:
-    """SGLang's layer step, graph-replayed vs eager (both eager with ``device="cpu"``)."""
+    """SGLang's layer step on a server of many adapters: the captured decode step
+    (graph-replayed; eager with ``device="cpu"``) against the eager planned step, with
+    one adapter loaded after the capture (served by the captured stacks) and another of
+    fewer slots."""
+    from talan_serve.adapters import NO_ADAPTER, AdapterSetSpec
     from talan_serve.plugins.sglang.layer import TalanStateLayer
 
     config = tiny_talan_config()
-    layer = TalanStateLayer(config, layer_id=1)
-    layer.block = randomized_block(config).to(device)
+    small = tiny_talan_config(n_themes=2, alpha=0.8)
+    spec = AdapterSetSpec.covering([config, small], config.hidden_size, max_adapters=4)
+    adapters = spec.build().to(device)
+    adapters.add(1, config, randomized_block(config, 1).state_dict(), device=device)
+    adapters.add(2, small, randomized_block(small, 2).state_dict(), device=device)
+    layer = TalanStateLayer(adapters, layer_id=1)
+    point = config.connection_point
     real, padded, slots, steps = 6, 8, 16, 16
     index = torch.tensor([3, 5, 7, 9, 11, 13] + [-1] * (padded - real), device=device)
-    flags = torch.ones(slots, dtype=torch.bool, device=device)
-    flags[[7, 13]] = False  # rows 2 and 5 are TALAN-off
-    pools = {side: torch.zeros(slots, *config.state_shape, device=device)
+    routes = torch.full((slots,), NO_ADAPTER, dtype=torch.long, device=device)
+    # Rows by adapter: 1, 2, TALAN off, 1, 2, 3 (loaded after the capture).
+    routes[index[:real]] = torch.tensor([1, 2, NO_ADAPTER, 1, 2, 3], device=device)
+    pools = {side: torch.zeros(slots, *spec.state_shape, device=device)
              for side in ("graph", "eager")}
     stream = torch.zeros(padded, config.hidden_size, device=device)
     out = torch.zeros_like(stream)
 
     def step() -> None:
-        out.copy_(layer.step(stream, pools["graph"], index, flags))
+        out.copy_(layer.step(stream, pools["graph"], index, routes, point))
 
     if device == "cuda":
         step()  # warm-up; then forget what it wrote
@@ -247,6 +258,9 @@ def check_sglang_step(device: str = "cuda") -> dict:
         run = graph.replay
     else:
         run = step
+    third = tiny_talan_config(alpha=0.3)
+    adapters.add(3, third, randomized_block(third, 3).state_dict(), device=device)
+    rows = routes[index.clamp(min=0)].cpu().numpy()  # the host's rows, for the plan
     pools["graph"].zero_()
     generator = torch.Generator(device=device).manual_seed(1)
     max_diff, mass_ok = 0.0, True
@@ -255,18 +269,19 @@ def check_sglang_step(device: str = "cuda") -> dict:
                                  generator=generator))
         before = pools["graph"][index[:real], :, -1].sum(-1).clone()
         run()
-        eager = layer.step(stream, pools["eager"], index, flags)
+        eager = layer.step(stream, pools["eager"], index, routes, point, rows=rows)
         if device == "cuda":
             torch.cuda.synchronize()
         gained = pools["graph"][index[:real], :, -1].sum(-1) - before
-        want = flags[index[:real]].float()
+        want = (routes[index[:real]] != NO_ADAPTER).float()
         mass_ok &= bool((gained - want).abs().max() < 1e-4)
         max_diff = max(max_diff, (out[:real] - eager[:real]).abs().max().item(),
                        (pools["graph"][1:] - pools["eager"][1:]).abs().max().item())
     untouched = [s for s in range(1, slots) if s not in index.tolist()]
     clean = bool(pools["graph"][untouched].abs().max() == 0)
     return dict(ok=mass_ok and clean and max_diff < 1e-5, real_rows=real, padded_rows=padded,
-                steps=steps, max_abs_diff_graph_vs_eager=max_diff,
+                steps=steps, adapters_loaded_after_capture=1,
+                max_abs_diff_graph_vs_eager=max_diff,
                 mass_plus_one_on_rows_zero_off=mass_ok, other_slots_untouched=clean)
 
 

@@ -10,14 +10,23 @@ prefix-cache entry of an unloaded adapter can reach another one.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from talan_serve.adapters import AdapterSetError, AdapterSetSpec
 from talan_serve.checkpoint import CheckpointError, TalanCheckpoint, load_checkpoint
+from talan_serve.switch import switch_args
+
+if TYPE_CHECKING:
+    from server.backends.base import BackendConfig
+
+logger = logging.getLogger(__name__)
 
 FIRST_ADAPTER_ID = 1  # 0 is a one-checkpoint server's adapter; vLLM's LoRA ids start at 1
 
@@ -63,11 +72,13 @@ class AdapterRegistry:
     """The adapters a server holds, by the name a request puts in ``model``."""
 
     def __init__(self, spec: AdapterSetSpec, num_layers: int, capacity: int,
-                 max_lora_rank: int | None):
+                 max_lora_rank: int | None, kinds_fixed: bool = False):
         self.spec = spec
         self.num_layers = num_layers
         self.capacity = capacity
         self.max_lora_rank = max_lora_rank
+        # The engine captures decode steps in graphs holding the kinds built at start.
+        self.kinds_fixed = kinds_fixed
         self._adapters: dict[str, Adapter] = {}
         self._next_id = FIRST_ADAPTER_ID
 
@@ -96,7 +107,7 @@ class AdapterRegistry:
             raise AdapterError(f"adapter {name!r}: {error}") from error
         if checkpoint.has_talan:
             try:
-                self.spec.check(checkpoint.config)
+                self.spec.check(checkpoint.config, self.kinds_fixed)
             except AdapterSetError as error:
                 raise AdapterError(f"adapter {name!r}: {error}") from error
         rank = _lora_rank(checkpoint)
@@ -146,3 +157,164 @@ def allowed_path(path: str, allowed_dirs: tuple[Path, ...]) -> Path:
             return resolved
     raise PermissionError(f"{path!r} is not inside a directory this server loads adapters "
                           "from (--allowed-adapter-dirs)")
+
+
+@dataclass(frozen=True)
+class AdapterHostPlan:
+    """A server of many adapters, as sized at start: the engine's adapter set, the LoRA
+    rank it reserves (None: no LoRA support) and the registry that fronts it."""
+
+    spec: AdapterSetSpec
+    lora_rank: int | None
+    registry: AdapterRegistry
+
+
+def plan_adapter_host(
+    config: BackendConfig,
+    rank_slot: Callable[[int], int] = int,
+    kinds_fixed: bool = False,
+) -> AdapterHostPlan:
+    """Size a server of many adapters for those given at start (``config.adapters``) and
+    the room asked for; ``rank_slot``: the engine's LoRA rank for a checkpoint's rank."""
+    from talan_serve.prepared import lora_rank
+
+    host = json.loads((Path(config.model_dir) / "config.json").read_text())
+    checkpoints = [load_checkpoint(path) for path in config.adapters.values()]
+    spec = AdapterSetSpec.covering(
+        [c.config for c in checkpoints if c.has_talan], host["hidden_size"],
+        config.talan_state_slots, config.talan_connection_points, config.max_adapters)
+    ranks = [lora_rank(c.adapter_dir) for c in checkpoints if c.adapter_dir is not None]
+    rank = config.max_lora_rank or (max(ranks) if ranks else None)
+    rank = None if rank is None else rank_slot(rank)
+    registry = AdapterRegistry(spec, host["num_hidden_layers"], config.max_adapters, rank,
+                               kinds_fixed)
+    return AdapterHostPlan(spec, rank, registry)
+
+
+class AdapterEngine(Protocol):
+    """What a backend's engine does for ``AdapterHost``: TALAN blocks go to every worker of
+    the engine, LoRAs through its multi-LoRA support (a handle for requests to carry)."""
+
+    async def load_talan(self, adapter_id: int, checkpoint_dir: str) -> None: ...
+
+    async def unload_talan(self, adapter_id: int) -> None: ...
+
+    async def load_lora(self, name: str, adapter_id: int, lora_dir: Path) -> Any: ...
+
+    async def unload_lora(self, adapter_id: int, handle: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class RequestRoute:
+    """What one request runs: its adapter (None: a one-checkpoint server's or the base
+    model), the engine's LoRA handle, and the engine arguments of the TALAN switch."""
+
+    adapter: Adapter | None
+    lora: Any
+    talan_args: dict[str, Any]
+
+
+class AdapterHost:
+    """The front end's half of a server of many adapters, whatever the engine: loads and
+    unloads (one at a time; an unload waits for the adapter's running requests), and the
+    route of each request by its ``model``."""
+
+    def __init__(self, registry: AdapterRegistry, engine: AdapterEngine, base_name: str):
+        self.registry = registry
+        self.engine = engine
+        self.base_name = base_name
+        self._loras: dict[int, Any] = {}
+        self._lock = asyncio.Lock()
+
+    async def load(self, name: str, path: str) -> None:
+        async with self._lock:
+            adapter = self.registry.reserve(name, path)
+            loaded_talan = False
+            try:
+                lora_dir = adapter.checkpoint.adapter_dir
+                if lora_dir is not None and self.registry.max_lora_rank is None:
+                    raise AdapterError(f"adapter {name!r} has a LoRA, and this server was "
+                                       "started without LoRA support (--max-lora-rank)")
+                if adapter.has_talan:
+                    await self.engine.load_talan(adapter.adapter_id, str(adapter.path))
+                    loaded_talan = True
+                if lora_dir is not None:
+                    self._loras[adapter.adapter_id] = await self.engine.load_lora(
+                        name, adapter.adapter_id, lora_dir)
+            except BaseException:
+                if loaded_talan:
+                    await self.engine.unload_talan(adapter.adapter_id)
+                self.registry.drop(adapter)
+                raise
+            self.registry.publish(adapter)
+            logger.info("adapter %s loaded from %s (id %d, TALAN %s, LoRA rank %s)", name,
+                        adapter.path, adapter.adapter_id,
+                        adapter.checkpoint.config.connection_point if adapter.has_talan
+                        else "none", adapter.lora_rank)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            adapter = self.registry.retire(name)
+            await self.registry.drained(adapter)
+            if adapter.has_talan:
+                await self.engine.unload_talan(adapter.adapter_id)
+            handle = self._loras.pop(adapter.adapter_id, None)
+            if handle is not None:
+                await self.engine.unload_lora(adapter.adapter_id, handle)
+            self.registry.drop(adapter)
+            logger.info("adapter %s unloaded", name)
+
+    def route(self, model: str | None, talan_enabled: bool) -> RequestRoute:
+        if model is None or model == self.base_name:
+            return RequestRoute(None, None, switch_args(False))  # the base model alone
+        adapter = self.registry.get(model)
+        if adapter is None:
+            raise ModelNotFoundError(f"The model '{model}' does not exist")
+        lora = self._loras.get(adapter.adapter_id)
+        if not (talan_enabled and adapter.has_talan):
+            return RequestRoute(adapter, lora, switch_args(False))
+        return RequestRoute(adapter, lora, switch_args(True, adapter.adapter_id))
+
+    def in_flight(self, route: RequestRoute):
+        return self.registry.using(route.adapter) if route.adapter is not None \
+            else nullcontext()
+
+
+ONE_CHECKPOINT = ("this server serves one checkpoint; start it with --adapters (or "
+                  "--talan-connection-points) to load adapters")
+
+
+class ServesAdapters:
+    """A backend's adapter endpoints and request routes over its ``adapter_host`` (None:
+    one checkpoint, whose LoRA, if served per request, is the engine's ``checkpoint_lora``)."""
+
+    adapter_host: AdapterHost | None = None
+    checkpoint_lora: Any = None
+    config: BackendConfig
+
+    def route(self, model: str | None, talan_enabled: bool) -> RequestRoute:
+        if self.adapter_host is None:
+            return RequestRoute(None, self.checkpoint_lora, switch_args(talan_enabled))
+        return self.adapter_host.route(model, talan_enabled)
+
+    def in_flight(self, route: RequestRoute):
+        return self.adapter_host.in_flight(route) if self.adapter_host is not None \
+            else nullcontext()
+
+    @property
+    def registry(self) -> AdapterRegistry | None:
+        return None if self.adapter_host is None else self.adapter_host.registry
+
+    async def start(self) -> None:
+        for name, path in self.config.adapters.items():
+            await self.load_adapter(name, path)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if self.adapter_host is None:
+            raise AdapterError(ONE_CHECKPOINT)
+        await self.adapter_host.load(name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.adapter_host is None:
+            raise ModelNotFoundError(f"no adapter named {name!r} is loaded")
+        await self.adapter_host.unload(name)

@@ -124,9 +124,12 @@ def resolve(args: argparse.Namespace) -> Plan:
     served = args.served_model_name or name
     if not args.adapters and not args.talan_connection_points:
         return Plan(served, str(resolved.base_model), checkpoint)
-    if args.engine != "vllm":
-        raise PlanError(f"--adapters: the {args.engine} engine serves one checkpoint; many "
-                        "adapters on one base model are served with --engine vllm")
+    if args.engine == "sglang" and args.pipeline_parallel_size > 1:
+        # SGLang keeps each request's one state under one decoder layer's id, which a
+        # single pipeline stage holds; adapters at several points would span stages.
+        raise PlanError("--adapters with --engine sglang and --pipeline-parallel-size: "
+                        "serve many adapters on one pipeline stage (tensor parallelism "
+                        "is fine), or use --engine vllm")
     if args.talan:
         raise PlanError("--talan with --adapters: give that checkpoint as NAME=CKPT")
     if args.data_parallel_size > 1:

@@ -408,28 +408,62 @@ class TalanBlock(nn.Module):
         return out.view(batch, seq_len, dim), state
 
     @classmethod
-    def stacked(cls, blocks: Sequence[TalanBlock]) -> TalanBlock:
+    def stacked(cls, blocks: Sequence[TalanBlock], capacity: int | None = None,
+                n_themes: int | None = None) -> TalanBlock:
         """One block holding ``blocks``' weights stacked: its parameters have a leading
         adapter dimension, and ``perturbation(..., route=...)`` runs each token through
         its own adapter's weights. The blocks must share every config field but
         ``n_themes`` and ``alpha`` (``stack_key``); slots beyond an adapter's own T are
-        padding, masked out of the assignment and the mixer's attention."""
+        padding, masked out of the assignment and the mixer's attention.
+
+        ``capacity`` (default: the blocks given) and ``n_themes`` (default: their largest
+        T) size the stack: ``put`` fills an entry in place, so a stack with room to spare
+        takes adapters later without new tensors (what a captured CUDA graph reads).
+        """
         keys = {stack_key(block.config) for block in blocks}
         if len(keys) != 1:
             raise ValueError(f"blocks of different kinds cannot be stacked: {keys}")
-        themes = max(block.config.n_themes for block in blocks)
-        stack = cls(replace(blocks[0].config, n_themes=themes))
+        themes = n_themes or max(block.config.n_themes for block in blocks)
+        stack = cls.empty_stack(blocks[0].config, capacity or len(blocks), themes)
+        stack.to(next(blocks[0].parameters()).device)
+        for position, block in enumerate(blocks):
+            stack.put(position, block)
+        return stack
+
+    @classmethod
+    def empty_stack(cls, config: TalanConfig, capacity: int,
+                    n_themes: int | None = None) -> TalanBlock:
+        """A stacked block (see ``stacked``) of ``capacity`` empty entries of ``config``'s
+        kind. An empty entry has zero weights and one live slot: it is finite, never NaN,
+        for the rows a dense step routes to it and then discards."""
+        themes = n_themes or config.n_themes
+        stack = cls(replace(config, n_themes=themes))
         stack.requires_grad_(False)
-        for name, _ in list(stack.named_parameters()):
-            parts = [_pad_slots(name, block.get_parameter(name).detach().float(), themes)
-                     for block in blocks]
+        for name, param in list(stack.named_parameters()):
             module_name, _, leaf = name.rpartition(".")
             module = stack.get_submodule(module_name) if module_name else stack
-            setattr(module, leaf, nn.Parameter(torch.stack(parts), requires_grad=False))
-        counts = torch.tensor([block.config.n_themes for block in blocks])
-        stack.register_buffer("slot_mask", torch.arange(themes) < counts.unsqueeze(1),
-                              persistent=False)
-        return stack.to(next(blocks[0].parameters()).device)
+            # fp32 whatever the default dtype an engine builds its model under.
+            setattr(module, leaf, nn.Parameter(
+                param.new_zeros(capacity, *param.shape, dtype=torch.float32),
+                requires_grad=False))
+        mask = torch.zeros(capacity, themes, dtype=torch.bool)
+        mask[:, 0] = True
+        stack.register_buffer("slot_mask", mask, persistent=False)
+        return stack
+
+    @torch.no_grad()
+    def put(self, position: int, block: TalanBlock) -> None:
+        """Copy ``block``'s weights into entry ``position`` of this stack, in place."""
+        if stack_key(block.config) != stack_key(self.config):
+            raise ValueError("a block of another kind cannot join this stack")
+        themes = self.config.n_themes
+        if block.config.n_themes > themes:
+            raise ValueError(f"a block of {block.config.n_themes} slots does not fit a "
+                             f"stack of {themes}")
+        for name, param in self.named_parameters():
+            param[position].copy_(_pad_slots(name, block.get_parameter(name).detach(), themes))
+        self.slot_mask[position] = torch.arange(themes, device=self.slot_mask.device) \
+            < block.config.n_themes
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """``gate``: alpha and the gate; ``body``: the rest (what grad_scale multiplies)."""

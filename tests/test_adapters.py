@@ -32,7 +32,7 @@ def _adapters(seed=0):
         block = TalanBlock(config)
         randomize_gate(block, adapter)
         blocks[adapter] = block
-    spec = AdapterSetSpec.covering([b.config for b in blocks.values()], D)
+    spec = AdapterSetSpec.covering([b.config for b in blocks.values()], D, max_adapters=4)
     adapters = spec.build()
     for adapter, block in blocks.items():
         adapters.add(adapter, block.config, block.state_dict())
@@ -95,7 +95,7 @@ def test_dense_path_matches_grouped_path():
     hidden = torch.randn(5, D)
     initial = torch.rand(5, *adapters.state_shape)
     grouped = _run(adapters, "layer_1", hidden, [1] * 5, rows.tolist(), initial)
-    dense = adapters.dense_perturbation(hidden, initial, rows, adapters.adapters_at("layer_1"))
+    dense = adapters.dense_perturbation(hidden, initial, rows, "layer_1")
     for got, want in zip(dense, grouped, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
@@ -149,10 +149,11 @@ def test_set_stacks_same_kind_adapters_for_one_token_steps(network_type):
                              network_type=network_type, integration_type="direct",
                              connection_point="layer_1", alpha=0.1 * adapter)
         blocks[adapter] = TalanBlock(config)
-    adapters = AdapterSetSpec.covering([b.config for b in blocks.values()], D).build()
+    adapters = AdapterSetSpec.covering([b.config for b in blocks.values()], D,
+                                       max_adapters=4).build()
     for adapter, block in blocks.items():
         adapters.add(adapter, block.config, block.state_dict())
-    assert len(adapters.stacked_blocks) == 1
+    assert len(adapters.stacks) == 1
     rows = np.array([6, 4, NO_ADAPTER, 9, 6, 4], dtype=np.int64)
     groups = plan_groups(rows, None, None, torch.device("cpu"), [4, 6, 9], adapters.stack_of)
     assert [g.route is not None for g in groups] == [True]
@@ -181,7 +182,8 @@ def test_decoding_rows_of_a_packed_step_are_stacked():
                              connection_point="layer_1", alpha=0.3)
         blocks[adapter] = TalanBlock(config)
         randomize_gate(blocks[adapter], adapter)
-    adapters = AdapterSetSpec.covering([b.config for b in blocks.values()], D).build()
+    adapters = AdapterSetSpec.covering([b.config for b in blocks.values()], D,
+                                       max_adapters=4).build()
     for adapter, block in blocks.items():
         adapters.add(adapter, block.config, block.state_dict())
     rows, lengths = [4, 6, 6, NO_ADAPTER, 4, 7], [1, 1, 5, 2, 3, 1]
@@ -209,3 +211,75 @@ def test_decoding_rows_of_a_packed_step_are_stacked():
             hidden[tokens], torch.tensor([0, lengths[row]]), initial[row:row + 1, :themes])
         torch.testing.assert_close(delta[tokens], want, rtol=0, atol=1e-5)
         torch.testing.assert_close(final[row, :themes], state[0], rtol=0, atol=1e-5)
+
+
+def _kind(network_type, themes, alpha, point="layer_1"):
+    return TalanConfig(hidden_size=D, mixer_dim=8, num_heads=2, n_themes=themes,
+                       network_type=network_type, connection_point=point, alpha=alpha,
+                       clustering_method="soft_mos")
+
+
+def _block(config, seed):
+    torch.manual_seed(seed)
+    block = TalanBlock(config)
+    randomize_gate(block, seed)
+    return block
+
+
+@torch.no_grad()
+def test_a_captured_step_serves_adapters_loaded_after_the_capture():
+    """The dense step traced once (``make_fx``: shapes, ops and the tensors it reads are
+    fixed, as in a CUDA graph; no host sync can trace) serves adapters loaded and unloaded
+    afterwards, because loads fill the fixed-capacity stacks in place."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    start = {1: _block(_kind("cross_attn", 2, 0.3), 1),
+             2: _block(_kind("per_token_mix", 3, 0.5), 2)}
+    spec = AdapterSetSpec.covering([b.config for b in start.values()], D, state_slots=4,
+                                   max_adapters=3)
+    adapters = spec.build()
+    for adapter, block in start.items():
+        adapters.add(adapter, block.config, block.state_dict())
+    hidden = torch.randn(6, D)
+    initial = torch.rand(6, *adapters.state_shape)
+    captured = make_fx(lambda h, s, r: adapters.dense_perturbation(h, s, r, "layer_1"))(
+        hidden, initial, torch.tensor([1, 2, NO_ADAPTER, 1, 2, 1]))
+    adapters.seal()
+
+    later = {5: _block(_kind("cross_attn", 4, 0.7), 5),
+             6: _block(_kind("per_token_mix", 1, 0.2), 6)}
+    for adapter, block in later.items():
+        adapters.add(adapter, block.config, block.state_dict())
+    adapters.remove(1)
+    blocks = {2: start[2], **later}
+    rows = [5, 2, NO_ADAPTER, 6, 1, 5]  # 1 is gone: its rows now run nothing
+    delta, final = captured(hidden, initial, torch.tensor(rows))
+    for row, adapter in enumerate(rows):
+        if adapter not in blocks:
+            assert torch.equal(delta[row], torch.zeros(D))
+            assert torch.equal(final[row], initial[row])
+            continue
+        themes = blocks[adapter].config.n_themes
+        want, state = blocks[adapter].perturbation(hidden[row:row + 1], None,
+                                                   initial[row:row + 1, :themes])
+        torch.testing.assert_close(delta[row:row + 1], want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(final[row, :themes], state[0], rtol=0, atol=1e-5)
+
+    # A kind the captured step does not hold is refused once the set is sealed.
+    with pytest.raises(AdapterSetError, match="captures its decode steps in CUDA graphs"):
+        adapters.add(9, _kind("multihead_local", 2, 0.1), {})
+
+
+def test_spec_records_kinds_and_capacity():
+    configs = [_kind("cross_attn", 2, 0.3), _kind("cross_attn", 4, 0.9),
+               _kind("per_token_mix", 3, 0.5, point="embedding")]
+    spec = AdapterSetSpec.covering(configs, D, max_adapters=5)
+    assert spec.max_adapters == 5 and spec.state_slots == 4
+    assert [(k.network_type, k.connection_point, k.n_themes) for k in spec.kinds] == [
+        ("cross_attn", "layer_1", 4), ("per_token_mix", "embedding", 4)]
+    assert AdapterSetSpec.from_dict(spec.to_dict()) == spec
+    spec.check(_kind("cross_attn", 1, 0.1), kinds_fixed=True)
+    with pytest.raises(AdapterSetError, match="per_token_mix/soft_mos/learned_gate at "
+                                              "layer_1"):
+        spec.check(_kind("per_token_mix", 1, 0.1), kinds_fixed=True)
+    spec.check(_kind("per_token_mix", 1, 0.1))  # an eager engine takes any kind

@@ -29,4 +29,5 @@ def test_decode_step_mass_check_on_cpu():
 def test_sglang_step_check_on_cpu():
     result = gpu_block_check.check_sglang_step("cpu")
     assert result["ok"], result
-    assert result["max_abs_diff_graph_vs_eager"] == 0.0  # the same eager code on both sides
+    # The dense (capturable) step against the planned one, one adapter loaded in between.
+    assert result["max_abs_diff_graph_vs_eager"] < 1e-5

@@ -18,6 +18,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from server.adapters import (
+    AdapterError,
+    AdapterHost,
+    RequestRoute,
+    ServesAdapters,
+    plan_adapter_host,
+)
 from server.backends.base import (
     BackendConfig,
     EngineDeadError,
@@ -48,8 +55,11 @@ def _on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def engine_kwargs(config: BackendConfig, model_path: str, lora_dir: Path | None) -> dict:
-    """``sglang.Engine`` arguments for the engine-neutral settings."""
+def engine_kwargs(config: BackendConfig, model_path: str, lora_dir: Path | None,
+                  lora_rank: int | None = None) -> dict:
+    """``sglang.Engine`` arguments for the engine-neutral settings. ``lora_dir``: one
+    checkpoint's LoRA; ``lora_rank``: a server of many adapters with LoRA support (LoRAs
+    loaded at run time, up to that rank)."""
     if config.distributed_executor_backend not in (None, "mp"):
         raise ValueError(f"--distributed-executor-backend {config.distributed_executor_backend} "
                          "is vLLM's; the sglang engine starts its own processes "
@@ -92,14 +102,20 @@ def engine_kwargs(config: BackendConfig, model_path: str, lora_dir: Path | None)
     if lora_dir is not None:
         kwargs.update(enable_lora=True, lora_paths=[f"{LORA_NAME}={lora_dir}"],
                       max_loras_per_batch=1)
-        if not cuda:
-            kwargs["lora_backend"] = "torch_native"
+    elif lora_rank is not None:
+        # SGLang's LoRA buffers hold the base model's "no LoRA" as one more adapter.
+        kwargs.update(enable_lora=True, max_lora_rank=lora_rank, lora_target_modules=["all"],
+                      max_loras_per_batch=config.max_adapters + 1)
+    if kwargs.get("enable_lora") and not cuda:
+        kwargs["lora_backend"] = "torch_native"
     kwargs.update(config.extra_engine_args)
     return kwargs
 
 
-def sampling_params(options: SamplingOptions, seed: int | None) -> dict[str, Any]:
-    """SGLang's sampling parameters for the engine-neutral options (TALAN switch included)."""
+def sampling_params(options: SamplingOptions, seed: int | None,
+                    talan_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """SGLang's sampling parameters for the engine-neutral options (TALAN switch included;
+    ``talan_args``: the switch with an adapter, on a server of many)."""
     for field, unset in (("allowed_token_ids", None), ("bad_words", None)):
         if getattr(options, field) != unset:
             raise EngineInputError(f"'{field}' is not supported by the sglang engine")
@@ -120,7 +136,7 @@ def sampling_params(options: SamplingOptions, seed: int | None) -> dict[str, Any
         spaces_between_special_tokens=options.spaces_between_special_tokens,
         no_stop_trim=options.include_stop_str_in_output,
         sampling_seed=seed,
-        custom_params=switch_args(options.talan_enabled),
+        custom_params=talan_args or switch_args(options.talan_enabled),
     )
     if options.logit_bias:
         params["logit_bias"] = {str(k): v for k, v in options.logit_bias.items()}
@@ -163,7 +179,7 @@ def _logprobs(meta: dict, kind: str) -> list[PositionLogprobs | None] | None:
     return [_position(entries, entry) for entry, entries in zip(chosen, top, strict=True)]
 
 
-class SglangBackend:
+class SglangBackend(ServesAdapters):
     """``Backend`` over SGLang's ``Engine`` (scheduler and detokenizer in child processes)."""
 
     def __init__(self, config: BackendConfig) -> None:
@@ -173,11 +189,16 @@ class SglangBackend:
         from transformers import AutoTokenizer
 
         self.config = config
-        self._prepared = config.prepare()
-        model_path = str(self._prepared.path) if self._prepared else config.model_dir
+        lora_rank = None
+        if config.many_adapters:
+            self._prepared = None
+            model_path, lora_rank = self._prepare_adapter_host(config)
+        else:
+            self._prepared = config.prepare()
+            model_path = str(self._prepared.path) if self._prepared else config.model_dir
         lora_dir = self._prepared.lora_dir if self._prepared else None
-        self._lora = LORA_NAME if lora_dir is not None else None
-        self._engine = sglang.Engine(**engine_kwargs(config, model_path, lora_dir))
+        self.checkpoint_lora = LORA_NAME if lora_dir is not None else None
+        self._engine = sglang.Engine(**engine_kwargs(config, model_path, lora_dir, lora_rank))
         self._manager = self._engine.tokenizer_manager
         model_config = self._manager.model_config
         self.info = ModelInfo(
@@ -193,14 +214,34 @@ class SglangBackend:
         )
         self._dead: str | None = None
 
+    def _prepare_adapter_host(self, config: BackendConfig) -> tuple[str, int | None]:
+        """The base folder sized for the adapters given at start (and the ones asked for),
+        and the LoRA rank the engine reserves (None: no LoRA support)."""
+        from talan_serve.base_models import cache_root
+        from talan_serve.prepared import prepare_adapter_host
+
+        # Decode CUDA graphs (CUDA, not eager) hold the adapter kinds built at start.
+        plan = plan_adapter_host(config, kinds_fixed=_on_cuda() and not config.enforce_eager)
+        self.adapter_host = AdapterHost(plan.registry, _SglangAdapters(self),
+                                        config.served_name)
+        folder = prepare_adapter_host(config.model_dir, cache_root() / "prepared", plan.spec)
+        return str(folder), plan.lora_rank
+
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         options = request.sampling
+        route = self.route(request.model, request.sampling.talan_enabled)
         # n samples = n requests (seeds seed, seed + 1, ...), merged in arrival order.
-        streams = [self._one(request, index) for index in range(options.n)]
-        if len(streams) == 1:
-            async for output in streams[0]:
-                yield output
-            return
+        streams = [self._one(request, index, route) for index in range(options.n)]
+        with self.in_flight(route):
+            if len(streams) == 1:
+                async for output in streams[0]:
+                    yield output
+            else:
+                async for output in self._merged(streams):
+                    yield output
+
+    async def _merged(self, streams: list) -> AsyncIterator[GenerateOutput]:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(stream) -> None:
@@ -235,13 +276,14 @@ class SglangBackend:
         return request.request_id if request.sampling.n == 1 else \
             f"{request.request_id}-s{index}"
 
-    async def _one(self, request: GenerateRequest, index: int) -> AsyncIterator[GenerateOutput]:
+    async def _one(self, request: GenerateRequest, index: int,
+                   route: RequestRoute) -> AsyncIterator[GenerateOutput]:
         from sglang.srt.managers.io_struct import GenerateReqInput
 
         options = request.sampling
         seed = None if options.seed is None else options.seed + index
         try:
-            params = sampling_params(options, seed)
+            params = sampling_params(options, seed, route.talan_args)
         except (ValueError, TypeError) as error:
             raise EngineInputError(str(error)) from error
         top = max(options.logprobs or 0, options.prompt_logprobs or 0)
@@ -252,7 +294,7 @@ class SglangBackend:
             top_logprobs_num=top if want_logprobs else None,
             logprob_start_len=0 if options.prompt_logprobs is not None else -1,
             return_text_in_logprobs=True,
-            lora_path=self._lora, cache_salt=request.cache_salt,
+            lora_path=route.lora, cache_salt=request.cache_salt,
         )
         ids: list[int] = []
         text: list[str] = []
@@ -303,3 +345,44 @@ class SglangBackend:
 
     async def shutdown(self) -> None:
         self._engine.shutdown()
+
+
+class _SglangAdapters:
+    """``AdapterEngine`` for SGLang: TALAN blocks through the schedulers' RPC methods
+    (``talan_serve.plugins.sglang.rpc``), LoRAs through SGLang's dynamic LoRA loading (a
+    request names its LoRA)."""
+
+    def __init__(self, backend: SglangBackend):
+        self._backend = backend
+
+    async def _rpc(self, method: str, **kwargs: Any) -> None:
+        try:
+            # A blocking round trip to every scheduler (SGLang's engine API).
+            await asyncio.to_thread(self._backend._engine.collective_rpc, method, **kwargs)
+        except AssertionError as error:  # SGLang reports a failed call this way
+            raise AdapterError(str(error) or f"{method} failed in the engine") from error
+
+    async def load_talan(self, adapter_id: int, checkpoint_dir: str) -> None:
+        await self._rpc("talan_load_adapter", adapter=adapter_id, checkpoint_dir=checkpoint_dir)
+
+    async def unload_talan(self, adapter_id: int) -> None:
+        await self._rpc("talan_unload_adapter", adapter=adapter_id)
+
+    async def load_lora(self, name: str, adapter_id: int, lora_dir: Path) -> Any:
+        from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput
+
+        result = await self._backend._manager.load_lora_adapter(
+            LoadLoRAAdapterReqInput(lora_name=name, lora_path=str(lora_dir)), None)
+        if not result.success:
+            raise AdapterError(f"adapter {name!r}: SGLang refused its LoRA: "
+                               f"{result.error_message}")
+        return name
+
+    async def unload_lora(self, adapter_id: int, handle: Any) -> None:
+        from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput
+
+        result = await self._backend._manager.unload_lora_adapter(
+            UnloadLoRAAdapterReqInput(lora_name=handle), None)
+        if not result.success:
+            raise AdapterError(f"SGLang did not unload LoRA {handle!r}: "
+                               f"{result.error_message}")

@@ -7,16 +7,17 @@ vLLM's public engine API only; the TALAN plugin inside vLLM is ``talan_serve.plu
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
 from collections.abc import AsyncIterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from server.adapters import Adapter, AdapterError, AdapterRegistry, ModelNotFoundError
+from server.adapters import (
+    AdapterHost,
+    ServesAdapters,
+    plan_adapter_host,
+)
 from server.backends.base import (
     BackendConfig,
     EngineDeadError,
@@ -32,7 +33,7 @@ from server.backends.base import (
     held_back_text,
 )
 from talan_serve.plugins.vllm import lora_request, max_lora_rank
-from talan_serve.prepared import PreparedModel, lora_rank
+from talan_serve.prepared import PreparedModel
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def _logprobs(positions: Any) -> list[PositionLogprobs | None]:
     ]
 
 
-class VllmBackend:
+class VllmBackend(ServesAdapters):
     """``Backend`` over vLLM's AsyncLLM (engine core in its own process, as in vLLM's server)."""
 
     def __init__(self, config: BackendConfig) -> None:
@@ -171,17 +172,14 @@ class VllmBackend:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.config = config
-        self.registry: AdapterRegistry | None = None
-        self._loras: dict[int, Any] = {}
-        self._adapter_lock = asyncio.Lock()
         if config.many_adapters:
             self._prepared = None
-            self._lora_request = None
+            self.checkpoint_lora = None
             model_path, loras = self._prepare_adapter_host(config)
             args = engine_args(config, None, model_path, loras)
         else:
             self._prepared = config.prepare()
-            self._lora_request = lora_request(self._prepared) if self._prepared else None
+            self.checkpoint_lora = lora_request(self._prepared) if self._prepared else None
             args = engine_args(config, self._prepared)
         self._llm = AsyncLLM.from_engine_args(args)
         model_config = self._llm.model_config
@@ -200,101 +198,25 @@ class VllmBackend:
 
     def _prepare_adapter_host(self, config: BackendConfig) -> tuple[Path, tuple[int, int] | None]:
         """The base folder sized for the adapters given at start (and the ones asked for)."""
-        from talan_serve.adapters import AdapterSetSpec
         from talan_serve.base_models import cache_root
-        from talan_serve.checkpoint import load_checkpoint
         from talan_serve.plugins.vllm._compat import lora_rank_slot
         from talan_serve.prepared import prepare_adapter_host
 
-        host = json.loads((Path(config.model_dir) / "config.json").read_text())
-        checkpoints = [load_checkpoint(path) for path in config.adapters.values()]
-        spec = AdapterSetSpec.covering(
-            [c.config for c in checkpoints if c.has_talan], host["hidden_size"],
-            config.talan_state_slots, config.talan_connection_points)
-        ranks = [lora_rank(c.adapter_dir) for c in checkpoints if c.adapter_dir is not None]
-        rank = config.max_lora_rank or (max(ranks) if ranks else None)
-        rank_slot = None if rank is None else lora_rank_slot(rank)
-        self.registry = AdapterRegistry(spec, host["num_hidden_layers"], config.max_adapters,
-                                        rank_slot)
-        folder = prepare_adapter_host(config.model_dir, cache_root() / "prepared", spec)
-        return folder, None if rank_slot is None else (config.max_adapters, rank_slot)
+        # Full decode graphs (CUDA, not eager) hold the adapter kinds built at start.
+        plan = plan_adapter_host(config, lora_rank_slot,
+                                 kinds_fixed=_on_cuda() and not config.enforce_eager)
+        self.adapter_host = AdapterHost(plan.registry, _VllmAdapters(self), config.served_name)
+        folder = prepare_adapter_host(config.model_dir, cache_root() / "prepared", plan.spec)
+        return folder, None if plan.lora_rank is None else (config.max_adapters, plan.lora_rank)
 
-    # --- many adapters ------------------------------------------------------------------
-
-    async def start(self) -> None:
-        for name, path in self.config.adapters.items():
-            await self.load_adapter(name, path)
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        from talan_serve.plugins.vllm._compat import LoRARequest
-
-        if self.registry is None:
-            raise AdapterError("this server serves one checkpoint; start it with --adapters "
-                               "(or --talan-connection-points) to load adapters")
-        async with self._adapter_lock:
-            adapter = self.registry.reserve(name, path)
-            loaded_talan = False
-            try:
-                lora_dir = adapter.checkpoint.adapter_dir
-                if lora_dir is not None and self.registry.max_lora_rank is None:
-                    raise AdapterError(f"adapter {name!r} has a LoRA, and this server was "
-                                       "started without LoRA support (--max-lora-rank)")
-                if adapter.has_talan:
-                    await self._llm.collective_rpc(
-                        "talan_load_adapter", args=(adapter.adapter_id, str(adapter.path)))
-                    loaded_talan = True
-                if lora_dir is not None:
-                    lora = LoRARequest(name, adapter.adapter_id, str(lora_dir))
-                    await self._llm.add_lora(lora)
-                    self._loras[adapter.adapter_id] = lora
-            except BaseException:
-                if loaded_talan:
-                    await self._llm.collective_rpc("talan_unload_adapter",
-                                                   args=(adapter.adapter_id,))
-                self.registry.drop(adapter)
-                raise
-            self.registry.publish(adapter)
-            logger.info("adapter %s loaded from %s (id %d, TALAN %s, LoRA rank %s)", name,
-                        adapter.path, adapter.adapter_id,
-                        adapter.checkpoint.config.connection_point if adapter.has_talan
-                        else "none", adapter.lora_rank)
-
-    async def unload_adapter(self, name: str) -> None:
-        if self.registry is None:
-            raise ModelNotFoundError(f"no adapter named {name!r} is loaded")
-        async with self._adapter_lock:
-            adapter = self.registry.retire(name)
-            await self.registry.drained(adapter)
-            if adapter.has_talan:
-                await self._llm.collective_rpc("talan_unload_adapter",
-                                               args=(adapter.adapter_id,))
-            if self._loras.pop(adapter.adapter_id, None) is not None:
-                await self._llm.remove_lora(adapter.adapter_id)
-            self.registry.drop(adapter)
-            logger.info("adapter %s unloaded", name)
-
-    def _route(self, request: GenerateRequest) -> tuple[Adapter | None, Any, dict[str, Any]]:
-        """The adapter, LoRA request and switch arguments a request runs with."""
-        enabled = request.sampling.talan_enabled
-        if self.registry is None:
-            return None, self._lora_request, switch_args(enabled)
-        if request.model is None or request.model == self.info.name:
-            return None, None, switch_args(False)  # the base model alone
-        adapter = self.registry.get(request.model)
-        if adapter is None:
-            raise ModelNotFoundError(f"The model '{request.model}' does not exist")
-        lora = self._loras.get(adapter.adapter_id)
-        if not (enabled and adapter.has_talan):
-            return adapter, lora, switch_args(False)
-        return adapter, lora, switch_args(True, adapter.adapter_id)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError
 
-        adapter, lora, talan_args = self._route(request)
+        route = self.route(request.model, request.sampling.talan_enabled)
         try:
-            params = sampling_params(request.sampling, request.stream, talan_args)
+            params = sampling_params(request.sampling, request.stream, route.talan_args)
         except (VLLMValidationError, ValueError) as error:
             raise EngineInputError(str(error)) from error
         prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
@@ -303,18 +225,15 @@ class VllmBackend:
         first = True
         history: dict[int, tuple[list[int], list[str]]] = {}
         try:
-            with self._in_flight(adapter):
+            with self.in_flight(route):
                 async for out in self._llm.generate(prompt, params, request.request_id,
-                                                    lora_request=lora):
+                                                    lora_request=route.lora):
                     yield self._output(request, out, params, history, first)
                     first = False
         except VllmDeadError as error:
             raise EngineDeadError(str(error)) from error
         except (VLLMValidationError, ValueError) as error:
             raise EngineInputError(str(error)) from error
-
-    def _in_flight(self, adapter: Adapter | None):
-        return self.registry.using(adapter) if self.registry is not None else nullcontext()
 
     def _output(self, request: GenerateRequest, out: Any, params: Any,
                 history: dict[int, tuple[list[int], list[str]]], first: bool) -> GenerateOutput:
@@ -351,3 +270,28 @@ class VllmBackend:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+class _VllmAdapters:
+    """``AdapterEngine`` for vLLM: TALAN blocks through the workers' extension
+    (``talan_serve.plugins.vllm.worker``), LoRAs as vLLM ``LoRARequest``s."""
+
+    def __init__(self, backend: VllmBackend):
+        self._backend = backend
+
+    async def load_talan(self, adapter_id: int, checkpoint_dir: str) -> None:
+        await self._backend._llm.collective_rpc("talan_load_adapter",
+                                                args=(adapter_id, checkpoint_dir))
+
+    async def unload_talan(self, adapter_id: int) -> None:
+        await self._backend._llm.collective_rpc("talan_unload_adapter", args=(adapter_id,))
+
+    async def load_lora(self, name: str, adapter_id: int, lora_dir: Path) -> Any:
+        from talan_serve.plugins.vllm._compat import LoRARequest
+
+        lora = LoRARequest(name, adapter_id, str(lora_dir))
+        await self._backend._llm.add_lora(lora)
+        return lora
+
+    async def unload_lora(self, adapter_id: int, handle: Any) -> None:
+        await self._backend._llm.remove_lora(adapter_id)

@@ -65,8 +65,10 @@ def served(tiny_model, tmp_path_factory):
         adapter: load_checkpoint(build_tiny_checkpoint(model, root / f"ckpt-{adapter}", **opts))
         for adapter, opts in ADAPTERS.items()
     }
-    spec = AdapterSetSpec.covering([c.config for c in checkpoints.values()], 128)
+    spec = AdapterSetSpec.covering([c.config for c in checkpoints.values()], 128,
+                                   max_adapters=8)
     assert spec.state_slots == 4 and len(spec.connection_points) == 3
+    assert len(spec.kinds) == 3  # adapters 1, 4 and 5 share a kind: one stack of room 8
     folder = prepare_adapter_host(model, root / "prepared", spec)
     references = {adapter: load_reference(model, talan=c.path)[0]
                   for adapter, c in checkpoints.items()}

@@ -76,7 +76,8 @@ def test_adapters_resolve_to_a_base_and_named_checkpoints(tmp_path):
         (["--adapters", "twin"], "expected NAME=CKPT"),
         (["--adapters", f"twin={twin}", f"twin={twin}"], "used twice"),
         (["--adapters", f"x={tmp_path / 'missing'}"], "no such checkpoint directory"),
-        (["--adapters", f"x={twin}", "--engine", "sglang"], "serves one checkpoint"),
+        (["--adapters", f"x={twin}", "--engine", "sglang", "-pp", "2"],
+         "serve many adapters on one pipeline stage"),
         (["--adapters", f"x={twin}", "--talan", str(twin)], "give that checkpoint as"),
         (["--adapters", f"x={twin}", "-dp", "2"], "one server per replica"),
     ):

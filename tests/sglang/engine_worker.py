@@ -3,10 +3,14 @@
     python tests/sglang/engine_worker.py job.json
 
 A child process of the tests: SGLang kills its parent when a scheduler process fails.
-job.json: {"model": dir, "engine": {kwargs}, "phases": [[request, ...], ...], "out": path};
-a request: {"name", "input_ids", "talan": bool, "lora": name or null, "max_new": int,
-"input_logprobs": bool}. The requests of a phase go in one ``generate`` call (one
-scheduler batch, chunked as the engine decides); phases run one after the other.
+job.json: {"model": dir, "engine": {kwargs}, "phases": [phase, ...], "out": path};
+a phase: [request, ...], or {"load": [adapter, ...], "unload": [adapter, ...],
+"requests": [request, ...]} on a server of many adapters, loaded and unloaded before its
+requests (an adapter: {"id", "path", "lora": name or null, "lora_dir": dir or null});
+a request: {"name", "input_ids", "talan": bool, "adapter": id or null, "lora": name or
+null, "max_new": int, "input_logprobs": bool}. The requests of a phase go in one
+``generate`` call (one scheduler batch, chunked as the engine decides); phases run one
+after the other.
 """
 
 from __future__ import annotations
@@ -31,8 +35,12 @@ def main(job_path: str) -> None:
     results = {"startup_s": round(time.time() - started, 1), "phases": [],
                "hooks_applied": hooks_applied()}
     for phase in job["phases"]:
+        if isinstance(phase, dict):
+            change_adapters(engine, phase)
+            phase = phase["requests"]
         params = [{"temperature": 0.0, "max_new_tokens": r.get("max_new", 6), "ignore_eos": True,
-                   "custom_params": switch_args(r.get("talan", True))} for r in phase]
+                   "custom_params": switch_args(r.get("talan", True), r.get("adapter"))}
+                  for r in phase]
         generate = dict(input_ids=[r["input_ids"] for r in phase], sampling_params=params,
                         return_logprob=True)
         if any(r.get("input_logprobs") for r in phase):
@@ -53,6 +61,20 @@ def main(job_path: str) -> None:
     engine.shutdown()
     with open(job["out"], "w") as handle:
         json.dump(results, handle)
+
+
+def change_adapters(engine, phase: dict) -> None:
+    """What the front end's SGLang backend does to load and unload adapters."""
+    for adapter in phase.get("load", ()):
+        engine.collective_rpc("talan_load_adapter", adapter=adapter["id"],
+                              checkpoint_dir=adapter["path"])
+        if adapter.get("lora"):
+            result = engine.load_lora_adapter(adapter["lora"], adapter["lora_dir"])
+            assert result.success, result.error_message
+    for adapter in phase.get("unload", ()):
+        engine.collective_rpc("talan_unload_adapter", adapter=adapter["id"])
+        if adapter.get("lora"):
+            assert engine.unload_lora_adapter(adapter["lora"]).success
 
 
 if __name__ == "__main__":

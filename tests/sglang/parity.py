@@ -19,12 +19,14 @@ class Request:
     prompt: list[int]
     talan: bool = True
     lora: str | None = None  # SGLang's adapter name, or None for the base model
+    adapter: int | None = None  # the TALAN adapter on a server of many (None: its one)
     input_logprobs: bool = False
     want: dict = field(default_factory=dict)  # the reference: ids, logprobs, prompt logprobs
 
     def job(self) -> dict:
         return {"name": self.name, "input_ids": self.prompt, "talan": self.talan,
-                "lora": self.lora, "max_new": MAX_NEW, "input_logprobs": self.input_logprobs}
+                "adapter": self.adapter, "lora": self.lora, "max_new": MAX_NEW,
+                "input_logprobs": self.input_logprobs}
 
 
 def prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:

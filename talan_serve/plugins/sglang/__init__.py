@@ -9,8 +9,9 @@
   (``config.py``), so that SGLang keeps one state per request in its hybrid state pool:
   zeroed for a new request, carried across prefill chunks, copied from the cached prefix
   on a radix-cache hit (``state_backend.py``, ``layer.py``);
-* registers, through SGLang's ``HookRegistry``, the per-request switch (``switch.py``) and
-  the refusals of what would break the state (``guards.py``).
+* registers, through SGLang's ``HookRegistry``, the per-request switch (``switch.py``),
+  the refusals of what would break the state (``guards.py``) and the RPC methods that load
+  and unload adapters at run time (``rpc.py``).
 
 Serve a folder written by ``talan_serve.prepared.prepare_model_dir``; switch TALAN off for
 one request with ``sampling_params={"custom_params": talan_serve.switch.switch_args(False)}``.
@@ -26,10 +27,11 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from talan_serve.plugins.sglang import _compat, config, guards, switch
+    from talan_serve.plugins.sglang import _compat, config, guards, rpc, switch
 
     _compat.check_version()
     config.register_state_spec()
     _compat.register_models()
     switch.register_hooks()
     guards.register_hooks()
+    rpc.register_hooks()

@@ -51,8 +51,10 @@ SYMBOLS = {
     "req_init": "sglang.srt.managers.schedule_batch.Req.__init__",
     "forward_batch_init_new": "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
     "check_server_args": "sglang.srt.server_args.ServerArgs.check_server_args",
+    "scheduler_rpc": "sglang.srt.managers.scheduler.Scheduler.handle_rpc_request",
 }
-HOOK_TARGETS = ("sampling_verify", "req_init", "forward_batch_init_new", "check_server_args")
+HOOK_TARGETS = ("sampling_verify", "req_init", "forward_batch_init_new", "check_server_args",
+                "scheduler_rpc")
 
 STATE_BACKEND_CLASS = "talan_serve.plugins.sglang.state_backend.TalanStateBackend"
 HYBRID_BACKEND_CLASS = SYMBOLS["short_conv_hybrid_backend"]

@@ -1,7 +1,8 @@
 """TALAN's per-request state declared to SGLang as a "linear attention" side state.
 
 The model folder is the one ``talan_serve.prepared`` writes: the host's config.json with
-``architectures: ["Talan<Host>"]`` and a ``talan`` section, which transformers loads as the
+``architectures: ["Talan<Host>"]`` and a ``talan`` section (one checkpoint) or a
+``talan_adapters`` one (a base for many adapters), which transformers loads as the
 host's config class (``Qwen3Config``). SGLang's linear-attention registry matches a config
 by class and predicate; the matched config must then expose the hybrid-pool interface
 (``full_attention_layer_ids``, ``mamba2_cache_params``, ...), as LFM2's does. The
@@ -9,7 +10,7 @@ predicate upgrades the loaded config in place to a subclass of its own class tha
 exactly those properties (no field changes, nothing serialised).
 
 State per request slot, in the pool's ``MambaPool``: ``conv[0]`` is the running summary
-(``TalanConfig.state_shape``, ``block.STATE_DTYPE``); ``conv[1]`` is a (1, 1) entry the
+(``AdapterSetSpec.state_shape``, ``block.STATE_DTYPE``); ``conv[1]`` is a (1, 1) entry the
 pool's layout needs and nothing reads; the temporal (SSM) state is empty.
 """
 
@@ -17,16 +18,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from talan_serve.adapters import AdapterSetSpec
 from talan_serve.block import STATE_DTYPE
-from talan_serve.config import TalanConfig
+from talan_serve.config import connection_layer
 from talan_serve.plugins.sglang import _compat
-from talan_serve.prepared import CONFIG_KEY, talan_config_of
+from talan_serve.prepared import ADAPTERS_KEY, CONFIG_KEY, adapter_set_spec_of
 
 
-def state_layer_id(config: TalanConfig) -> int:
+def state_layer_id(spec: AdapterSetSpec) -> int:
     """The decoder layer the state is registered under: N for ``layer_N``, 0 for the
-    embedding (the side path then runs at the entry of layer 0)."""
-    index = config.layer_index
+    embedding (the side path then runs at the entry of layer 0). One state per request,
+    whichever connection point its adapter uses: it goes under the first point."""
+    index = connection_layer(spec.connection_points[0])
     return 0 if index is None else index
 
 
@@ -34,8 +37,8 @@ class TalanHybridConfigMixin:
     """The hybrid-pool interface for a TALAN host config (see the module docstring)."""
 
     @property
-    def talan_config(self) -> TalanConfig:
-        return talan_config_of(self)
+    def talan_adapter_spec(self) -> AdapterSetSpec:
+        return adapter_set_spec_of(self)
 
     @property
     def full_attention_layer_ids(self) -> list[int]:
@@ -43,7 +46,7 @@ class TalanHybridConfigMixin:
 
     @property
     def linear_layer_ids(self) -> list[int]:
-        return [state_layer_id(self.talan_config)]
+        return [state_layer_id(self.talan_adapter_spec)]
 
     @property
     def mamba_chunk_size(self) -> int:
@@ -57,7 +60,7 @@ class TalanHybridConfigMixin:
             Mamba2StateShape,
         )
 
-        shape = self.talan_config.state_shape
+        shape = self.talan_adapter_spec.state_shape
         width = shape[1]
         return Mamba2CacheParams(
             shape=Mamba2StateShape(
@@ -88,7 +91,7 @@ def is_talan_config(config: Any) -> bool:
     archs = getattr(config, "architectures", None) or []
     if not archs or archs[0] not in _compat.TALAN_ARCHITECTURES:
         return False
-    if getattr(config, CONFIG_KEY, None) is None:
+    if getattr(config, CONFIG_KEY, None) is None and getattr(config, ADAPTERS_KEY, None) is None:
         return False
     config.__class__ = _upgraded_class(type(config))
     return True

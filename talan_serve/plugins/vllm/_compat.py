@@ -14,7 +14,7 @@ from typing import get_args
 
 import vllm
 from vllm import ModelRegistry
-from vllm.config import CompilationConfig, CUDAGraphMode, get_current_vllm_config
+from vllm.config import CompilationConfig, get_current_vllm_config
 from vllm.config.lora import MaxLoRARanks
 from vllm.forward_context import get_forward_context
 from vllm.lora.request import LoRARequest
@@ -104,9 +104,3 @@ def add_splitting_op(compilation_config) -> None:
     elif compilation_config.splitting_ops and SPLITTING_OP not in compilation_config.splitting_ops:
         compilation_config.splitting_ops.append(SPLITTING_OP)
 
-
-def piecewise_graphs_only(compilation_config) -> None:
-    """No full CUDA graphs (set before vLLM picks its default mode)."""
-    mode = compilation_config.cudagraph_mode
-    if mode is None or mode.has_full_cudagraphs():
-        compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE

@@ -138,27 +138,19 @@ class TalanStateLayer(MambaBase, nn.Module):
             # No row runs an adapter here: nothing to compute, no state to move.
             return torch.zeros_like(stream)
 
-        states = self.kv_cache[0]
-        slots, cu_seqlens, resume = metadata.slots, metadata.cu_seqlens, metadata.resume
+        slots, cu_seqlens = metadata.slots, metadata.cu_seqlens
         # One token per request: static shapes over the (possibly graph-padded) rows.
         num_tokens = metadata.num_reqs if cu_seqlens is None else metadata.num_tokens
         hidden = stream if num_tokens == stream.shape[0] else stream[:num_tokens]
-        initial = states.index_select(0, slots)
-        if resume is not None:
-            # where(), not a product: a never-written slot may hold NaN garbage.
-            initial = torch.where(resume.view(-1, 1, 1), initial, 0.0)
+        rows = None
         if capturing:
-            # A captured graph replays whatever the rows become: it holds every adapter.
+            # A captured graph replays whatever the rows and the loaded adapters become:
+            # it holds every stack at this point (no new kinds from now on).
+            self.adapters.seal()
             rows = self.row_adapter_buffer[: metadata.num_reqs]
-            delta, final = self.adapters.dense_perturbation(hidden, initial, rows, adapters)
-            states.index_copy_(0, slots, final)
-        else:
-            delta, final = self.adapters.perturbation(hidden, cu_seqlens, initial, plan.groups)
-            if plan.owned is None:
-                states.index_copy_(0, slots, final)
-            else:
-                states.index_copy_(0, slots.index_select(0, plan.owned),
-                                   final.index_select(0, plan.owned))
+        delta = self.adapters.step(hidden, self.kv_cache[0], slots, point,
+                                   cu_seqlens=cu_seqlens, resume=metadata.resume, plan=plan,
+                                   row_adapters=rows)
         delta = delta.to(stream.dtype)
         # Python-int branch only: shapes are static under graph capture.
         if num_tokens < stream.shape[0]:

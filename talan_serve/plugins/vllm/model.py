@@ -165,8 +165,10 @@ class TalanModelMixin:
             self.talan.adapters.add(DEFAULT_ADAPTER, self.talan_config, state_dict,
                                     device=self.talan.row_adapter_buffer.device)
             self.talan.adapters_changed()
-            loaded |= {f"{LAYER_NAME}.adapters.blocks.{DEFAULT_ADAPTER}.{name}"
-                       for name in state_dict}
+        if hasattr(self, "talan"):
+            # The adapters' weights come from their checkpoints (this one's above, or
+            # loaded at run time into the stacks built empty).
+            loaded |= {f"{LAYER_NAME}.{name}" for name, _ in self.talan.named_parameters()}
         return loaded
 
     # --- hybrid-model interface (classmethods: vLLM sizes the cache before building) --
@@ -252,7 +254,3 @@ class TalanHybridConfig(VerifyAndUpdateConfig):
             raise ValueError("talan-serve: a base for TALAN adapters loads them through its "
                              f"worker extension; worker_extension_cls is "
                              f"{parallel.worker_extension_cls!r}")
-        if many:
-            # Adapters come and go at run time, so no captured graph may hold the side
-            # path: it runs between piecewise graphs, like attention.
-            _compat.piecewise_graphs_only(vllm_config.compilation_config)

@@ -31,25 +31,24 @@ def _install_probe(path: str) -> None:
     from talan_serve.plugins.sglang.layer import TalanStateLayer
 
     original = TalanStateLayer.side_path
-    width = None
 
-    def side_path(self, stream, forward_batch):
-        nonlocal width
+    def side_path(self, stream, forward_batch, *args):
         mode = forward_batch.forward_mode
         if mode.is_idle() or stream.shape[0] == 0:
-            return original(self, stream, forward_batch)
+            return original(self, stream, forward_batch, *args)
         metadata = _metadata(self, forward_batch)
         slots = metadata.cache_indices.clamp(min=0)
         states = metadata.layer_cache.conv[0]
-        d = self.config.hidden_size
+        d = self.adapters.spec.hidden_size
         before = states.index_select(0, slots)[..., d].sum(-1).tolist()
-        out = original(self, stream, forward_batch)
+        out = original(self, stream, forward_batch, *args)
         after = states.index_select(0, slots)[..., d].sum(-1).tolist()
         record = {
             "mode": mode.name, "rids": list(forward_batch.rids or [])[: len(before)],
             "slots": slots.tolist(),
             "mass_before": before, "mass_after": after,
-            "enabled": metadata.flags.index_select(0, slots).tolist(),
+            "enabled": (metadata.routes.index_select(0, slots) >= 0).tolist(),
+            "adapters": metadata.routes.index_select(0, slots).tolist(),
             "extend_seq_lens": None if forward_batch.extend_seq_lens_cpu is None
             else list(forward_batch.extend_seq_lens_cpu),
             "extend_prefix_lens": None if forward_batch.extend_prefix_lens_cpu is None
@@ -65,17 +64,17 @@ def _install_probe(path: str) -> None:
 def _install_fault(kind: str) -> None:
     import torch
 
-    from talan_serve.plugins.sglang.layer import TalanStateLayer
+    from talan_serve import adapters
 
     if kind != "drop_extend_state":
         raise ValueError(f"unknown TALAN_TEST_FAULT {kind!r}")
-    original = TalanStateLayer.initial_states
+    original = adapters.initial_states
 
-    def initial_states(self, states, slots, resumes):
-        out = original(self, states, slots, resumes)
-        return torch.zeros_like(out) if resumes is not None else out
+    def initial_states(states, slots, resume):
+        out = original(states, slots, resume)
+        return torch.zeros_like(out) if resume is not None else out
 
-    TalanStateLayer.initial_states = initial_states
+    adapters.initial_states = initial_states
     logger.warning("TEST FAULT INJECTED: %s", kind)
 
 

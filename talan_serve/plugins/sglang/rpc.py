@@ -1,0 +1,66 @@
+"""Loading and unloading TALAN adapters in a running SGLang engine.
+
+The front end calls ``Engine.collective_rpc("talan_load_adapter", ...)``, which SGLang
+delivers to every scheduler of the engine (each tensor-parallel rank) as a method call on
+the scheduler, followed by a barrier. A hook around the scheduler's RPC handler (SGLang's
+``HookRegistry``) answers the ``talan_*`` methods with ``TalanSchedulerRpc``; the block
+joins the TALAN layer's ``TalanAdapterSet``, so an adapter loaded now runs exactly as one
+loaded at start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from talan_serve.checkpoint import WEIGHTS_NAME
+from talan_serve.config import TalanConfig
+from talan_serve.plugins.sglang import _compat
+
+METHODS = ("talan_load_adapter", "talan_unload_adapter")
+
+
+class TalanSchedulerRpc:
+    """A scheduler with the ``talan_*`` RPC methods; everything else is the scheduler's."""
+
+    def __init__(self, scheduler: Any):
+        self._scheduler = scheduler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._scheduler, name)
+
+    def _model(self) -> Any:
+        return self._scheduler.tp_worker.model_runner.model
+
+    def _talan_layer(self) -> Any:
+        return getattr(self._model(), "talan", None)
+
+    def talan_load_adapter(self, adapter: int, checkpoint_dir: str) -> None:
+        layer = self._talan_layer()
+        if layer is None:  # every connection point is on another pipeline stage
+            return
+        config = TalanConfig.load(Path(checkpoint_dir))
+        weights = load_file(str(Path(checkpoint_dir) / WEIGHTS_NAME))
+        device = next(self._model().parameters()).device
+        layer.adapters.add(adapter, config, weights, device=device)
+
+    def talan_unload_adapter(self, adapter: int) -> None:
+        layer = self._talan_layer()
+        if layer is not None:
+            layer.adapters.remove(adapter)
+
+
+def _around_rpc(original, scheduler, recv_req, *args, **kwargs):
+    if getattr(recv_req, "method", None) in METHODS:
+        # SGLang's handler looks the method up on its first argument, then syncs the ranks.
+        return original(TalanSchedulerRpc(scheduler), recv_req, *args, **kwargs)
+    return original(scheduler, recv_req, *args, **kwargs)
+
+
+def register_hooks() -> None:
+    from sglang.srt.plugins.hook_registry import HookType
+
+    _compat.resolve("hook_registry").register(
+        _compat.SYMBOLS["scheduler_rpc"], _around_rpc, HookType.AROUND)
