@@ -59,10 +59,20 @@ def test_state_declared_to_the_pool(tiny_model, tmp_path):
     config = AutoConfig.from_pretrained(folder)
     assert is_talan_config(config)
     params = config.mamba2_cache_params
-    assert params.shape.conv[0] == (5, 129) == config.talan_config.state_shape
+    assert params.shape.conv[0] == (5, 129) == config.talan_adapter_spec.state_shape
     assert params.dtype.conv == torch.float32 and params.layers == [2]
     assert config.full_attention_layer_ids == [0, 1, 2, 3]
     assert not is_talan_config(AutoConfig.from_pretrained(host))  # the plain host
+
+    # A base for many adapters: one state per request, under the first point's layer.
+    from talan_serve.adapters import AdapterSetSpec
+    from talan_serve.prepared import prepare_adapter_host
+
+    spec = AdapterSetSpec(128, 6, ("layer_1", "embedding"), max_adapters=4)
+    many = AutoConfig.from_pretrained(prepare_adapter_host(host, tmp_path / "many", spec))
+    assert is_talan_config(many)
+    assert many.mamba2_cache_params.shape.conv[0] == (6, 129)
+    assert many.mamba2_cache_params.layers == [1]
 
 
 @pytest.mark.parametrize(("field", "value"), [
