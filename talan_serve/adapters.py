@@ -274,6 +274,16 @@ def plan_step(
     return StepPlan(groups, None if owned.all() else _to(np.flatnonzero(owned), device))
 
 
+def fit_rows(rows: np.ndarray, count: int) -> np.ndarray:
+    """The step's host adapter ids for ``count`` batch rows: rows the engine's switch has
+    not seen (padding, a dummy step) run nothing."""
+    if rows.shape[0] == count:
+        return rows
+    fitted = np.full(count, NO_ADAPTER, dtype=np.int64)
+    fitted[: min(count, rows.shape[0])] = rows[:count]
+    return fitted
+
+
 def initial_states(states: Tensor, slots: Tensor, resume: Tensor | None) -> Tensor:
     """The rows' states gathered from an engine's pool by slot; ``resume`` (None: all)
     says which rows carry one in (a later chunk, a cached prefix), the others start at

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talan_serve.adapters import NO_ADAPTER, TalanAdapterSet, plan_step
+from talan_serve.adapters import TalanAdapterSet, fit_rows, plan_step
 
 
 class TalanStateLayer(nn.Module):
@@ -101,7 +101,7 @@ class TalanStateLayer(nn.Module):
         if capturing or rows is None:
             device_rows = routes.index_select(0, slots)
         else:
-            plan = plan_step(_fitted(rows, slots.shape[0]), cu_seqlens_host, cu_seqlens,
+            plan = plan_step(fit_rows(rows, slots.shape[0]), cu_seqlens_host, cu_seqlens,
                              stream.device, self.adapters.adapters_at(point),
                              self.adapters.stack_of)
             if not plan.groups:
@@ -121,15 +121,6 @@ def _offsets(lengths) -> np.ndarray | None:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return offsets
-
-
-def _fitted(rows: np.ndarray, count: int) -> np.ndarray:
-    """The step's host rows for ``count`` batch rows (padding rows run nothing)."""
-    if rows.shape[0] == count:
-        return rows
-    fitted = np.full(count, NO_ADAPTER, dtype=np.int64)
-    fitted[: min(count, rows.shape[0])] = rows[:count]
-    return fitted
 
 
 def _capturing(tensor: torch.Tensor) -> bool:

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from talan_serve.adapters import (
-    NO_ADAPTER,
     StepPlan,
     TalanAdapterSet,
+    fit_rows,
     plan_step,
 )
 from talan_serve.block import STATE_DTYPE
@@ -97,14 +97,7 @@ class TalanStateLayer(MambaBase, nn.Module):
     # --- forward --------------------------------------------------------------------------
 
     def _plan(self, metadata: TalanStateMetadata, point: str) -> StepPlan:
-        rows = self.row_adapters
-        if rows.shape[0] != metadata.num_reqs:
-            # Rows the switch has not seen run nothing (only reachable outside a batch
-            # the input batch describes, e.g. a dummy step).
-            fitted = np.full(metadata.num_reqs, NO_ADAPTER, dtype=np.int64)
-            count = min(rows.shape[0], metadata.num_reqs)
-            fitted[:count] = rows[:count]
-            rows = fitted
+        rows = fit_rows(self.row_adapters, metadata.num_reqs)
         adapters = self.adapters.adapters_at(point)
         device = self.row_adapter_buffer.device
         if metadata.cu_seqlens is None:
