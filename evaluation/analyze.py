@@ -20,6 +20,7 @@ from torch import nn
 from talan_serve.block import TalanBlock
 from talan_serve.config import TalanConfig
 from talan_serve.reference import _decoder, find_talan, talan_disabled
+from talan_serve.trainable import apply_scope
 
 FRESH_SEED = 0
 FRESH_DISTANCE = math.sqrt(2)  # two independent draws of one zero-mean distribution
@@ -147,7 +148,7 @@ def scale_and_orthogonality(model: nn.Module, prompts: list[list[int]]) -> dict[
 def fresh_block(config: TalanConfig, seed: int) -> TalanBlock:
     torch.manual_seed(seed)
     block = TalanBlock(config)
-    block.apply_trainable_scope()
+    apply_scope(block)
     return block
 
 

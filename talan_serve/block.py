@@ -320,8 +320,8 @@ class Writeback(nn.Module):
 class TalanBlock(nn.Module):
     """``X~ = writeback(remix(summarize(X)))`` with the causal running summary.
 
-    ``enabled = False`` is the off switch: the block returns its input unchanged (and
-    leaves the state untouched), which makes the host exactly the adapter-only model.
+    The block always acts; the off switch belongs to whoever places it (the reference's
+    ``TalanPlacement.enabled``, an engine's per-request switch).
     """
 
     def __init__(self, config: TalanConfig):
@@ -330,7 +330,6 @@ class TalanBlock(nn.Module):
         self.summarize = Summarize(config)
         self.mixer = MIXERS[config.network_type](config)
         self.writeback = Writeback(config)
-        self.enabled = True
 
     def perturbation(
         self,
@@ -387,10 +386,8 @@ class TalanBlock(nn.Module):
         cu_seqlens: Tensor | None,
         initial_state: Tensor | None = None,
         token_weight: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor]:
         """Packed ``X~`` in ``hidden``'s dtype and the new state (see ``perturbation``)."""
-        if not self.enabled:
-            return hidden, initial_state
         delta, state = self.perturbation(hidden, cu_seqlens, initial_state, token_weight)
         return hidden + delta.to(hidden.dtype), state
 
@@ -464,19 +461,3 @@ class TalanBlock(nn.Module):
             param[position].copy_(_pad_slots(name, block.get_parameter(name).detach(), themes))
         self.slot_mask[position] = torch.arange(themes, device=self.slot_mask.device) \
             < block.config.n_themes
-
-    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
-        """``gate``: alpha and the gate; ``body``: the rest (what grad_scale multiplies)."""
-        gate = list(self.writeback.parameters())
-        gate_ids = {id(p) for p in gate}
-        body = [p for p in self.parameters() if id(p) not in gate_ids]
-        return {"gate": gate, "body": body}
-
-    def apply_trainable_scope(self, scope: str | None = None) -> None:
-        """Set ``requires_grad`` by the config's (or the given) trainability scope."""
-        scope = scope or self.config.trainable
-        groups = self.trainable_groups()
-        for p in groups["gate"]:
-            p.requires_grad_(scope in ("all", "gate_only"))
-        for p in groups["body"]:
-            p.requires_grad_(scope == "all")

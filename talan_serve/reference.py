@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from talan_serve.block import TalanBlock
 from talan_serve.config import TalanConfig
+from talan_serve.trainable import apply_scope
 
 _STATE_ATTR = "_talan_running_state"
 
@@ -38,11 +39,17 @@ class _CallContext:
 
 
 class TalanPlacement:
-    """The hooks that run ``block`` at its connection point of one decoder."""
+    """The hooks that run ``block`` at its connection point of one decoder.
+
+    ``enabled = False`` is the off switch: the hidden states pass the connection point
+    untouched and the running state is neither read nor written, which makes the host
+    exactly the adapter-only model (``talan_disabled``; training's ``freeze_steps``).
+    """
 
     def __init__(self, block: TalanBlock, decoder: nn.Module):
         self.block = block
         self.decoder = decoder
+        self.enabled = True
         self.context: _CallContext | None = None
         self.recorders: list[list[float]] = []
         self.handles = [
@@ -97,7 +104,7 @@ class TalanPlacement:
 
     def _apply(self, hidden: Tensor) -> Tensor:
         context = self.context
-        if context is None or not self.block.enabled:
+        if context is None or not self.enabled:
             return hidden
         state = None
         if context.cache is not None and context.past_length > 0:
@@ -158,7 +165,7 @@ def attach_talan(
     if state_dict is not None:
         block.load_state_dict(state_dict, strict=True)
     block.to(device=next(base.parameters()).device)
-    block.apply_trainable_scope()
+    apply_scope(block)
     base.add_module("talan", block)
     block.placement = TalanPlacement(block, decoder)
     return block
@@ -188,11 +195,12 @@ def talan_disabled(model: nn.Module) -> Iterator[nn.Module]:
     if block is None:
         yield model
         return
-    previous, block.enabled = block.enabled, False
+    placement = block.placement
+    previous, placement.enabled = placement.enabled, False
     try:
         yield model
     finally:
-        block.enabled = previous
+        placement.enabled = previous
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from talan_serve.config import (
     TalanConfig,
 )
 from talan_serve.testing import randomize_gate
+from talan_serve.trainable import apply_scope, parameter_groups
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "summary_attention.json"
 COMBOS = list(itertools.product(NETWORK_TYPES, INTEGRATION_TYPES, CLUSTERING_METHODS))
@@ -154,26 +155,17 @@ def test_init_perturbation_is_alpha_times_mixer_output(network_type):
         assert h.abs().amax() > 0
 
 
-def test_off_switch_is_identity_and_keeps_state():
-    block = make_block()
-    x = torch.randn(4, D)
-    state = torch.randn(1, 3, D + 1)
-    block.enabled = False
-    out, new_state = block(x, torch.tensor([0, 4]), state)
-    assert out is x and new_state is state
-
-
 @pytest.mark.parametrize(
     "scope, trained",
     [("all", {"gate", "body"}), ("gate_only", {"gate"}), ("frozen", set())],
 )
 def test_trainability_scope_decides_which_tensors_get_grads(scope, trained):
     block = make_block("gated_cross_attn", clustering_method="soft_mos", trainable=scope)
-    block.apply_trainable_scope()
+    apply_scope(block)
     x = torch.randn(6, D, requires_grad=True)
     out, _ = block(x, torch.tensor([0, 6]))
     out.pow(2).sum().backward()
-    groups = block.trainable_groups()
+    groups = parameter_groups(block)
     assert {n for n, _ in block.writeback.named_parameters()} == (
         {"gate_value", "gate_proj", "gate_bias"})
     for group, params in groups.items():

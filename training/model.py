@@ -21,6 +21,7 @@ from torch import nn
 from talan_serve.block import TalanBlock
 from talan_serve.config import TalanConfig
 from talan_serve.reference import attach_talan
+from talan_serve.trainable import apply_scope
 from training.recipe import Recipe
 
 
@@ -100,7 +101,7 @@ def build(recipe: Recipe, device: torch.device | None = None) -> TrainModel:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(init_seed)
             block = attach_talan(model, talan_config)
-        block.apply_trainable_scope()  # PEFT's freeze would otherwise win
+        apply_scope(block)  # PEFT's freeze would otherwise win
 
     if recipe.schedule.gradient_checkpointing:
         enable_gradient_checkpointing(model, talan_config)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from talan_serve.reference import find_talan, load_reference, talan_disabled
+from talan_serve.trainable import parameter_groups
 from training.loop import Hooks
 from training.model import lora_state, talan_state
 from training.run import run
@@ -150,7 +151,7 @@ def test_grad_scale_multiplies_exactly_the_body_grads(make_recipe, tiny_talan, t
                              talan={**tiny_talan, "grad_scale": gamma})
         result, trace = traced_run(recipe)
         grads[gamma] = trace.grads[1]
-        groups = result.train_model.block.trainable_groups()
+        groups = parameter_groups(result.train_model.block)
     names = {id(p): n for n, p in result.train_model.model.named_parameters()}
     body = {names[id(p)] for p in groups["body"]}
     gate = {names[id(p)] for p in groups["gate"]}
