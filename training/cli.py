@@ -1,6 +1,7 @@
 """``talan-train``: run a recipe, audit a pair of runs, or write the demo data.
 
-    talan-train RECIPE.yaml [--output-dir DIR] [--lora-only] [--max-steps N] [--threads N]
+    talan-train RECIPE.yaml [--output-dir DIR] [--lora-only] [--max-steps N] [--resume]
+    torchrun --nproc-per-node N -m training.cli RECIPE.yaml     # or: accelerate launch
     talan-train audit RUN_A RUN_B          # exit 1 if anything but TALAN differs
     talan-train make-data TRAIN.jsonl [--train N] [--heldout N] [--seed S]
 """
@@ -22,6 +23,12 @@ the matched pair, e.g. the demo on the offline default model:
   talan-train training/recipes/smollm2-lora-demo.yaml
   talan-train training/recipes/smollm2-talan-demo.yaml
   talan-train audit checkpoints/smollm2-lora-demo checkpoints/smollm2-talan-demo
+
+one command in every launch (the recipe's `distributed` section picks DDP, FSDP or
+DeepSpeed; effective batch = per_device_batch_size x grad_accum x processes):
+  talan-train RECIPE.yaml
+  torchrun --nproc-per-node 2 $(which talan-train) RECIPE.yaml
+  accelerate launch --num-processes 2 $(which talan-train) RECIPE.yaml
 """
 
 
@@ -35,6 +42,12 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--lora-only", action="store_true",
                         help="drop the talan section: the recipe's matched LoRA-only baseline")
     parser.add_argument("--max-steps", type=int, help="override schedule.max_steps (smoke runs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest output_dir/checkpoint-N "
+                             "(schedule.save_steps writes them)")
+    parser.add_argument("--keep-effective-batch", action="store_true",
+                        help="on a launch of another size than schedule.world_size, rescale "
+                             "grad_accum so that the effective batch stays the recipe's")
     parser.add_argument("--no-progress", action="store_true", help="log lines, no tqdm bar")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (1 is steadier on a CPU shared with other jobs)")
@@ -44,7 +57,9 @@ def _train(argv: list[str]) -> int:
 
         torch.set_num_threads(args.threads)
 
+    from training.distributed import LaunchError
     from training.recipe import Recipe, RecipeError
+    from training.resume import ResumeError
     from training.run import run
 
     try:
@@ -60,10 +75,13 @@ def _train(argv: list[str]) -> int:
     if args.max_steps:
         recipe.schedule.max_steps = args.max_steps
     try:
-        result = run(recipe, progress=not args.no_progress)
-    except FileNotFoundError as err:
+        result = run(recipe, progress=not args.no_progress, resume=args.resume,
+                     keep_effective_batch=args.keep_effective_batch)
+    except (FileNotFoundError, LaunchError, ResumeError) as err:
         print(f"talan-train: {err}", file=sys.stderr)
         return 2
+    if not result.manifest:  # not the main process: it writes nothing
+        return 0
     summary = result.manifest["results"]
     print(f"{recipe.name}: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} "
           f"in {summary['train_seconds']:.0f}s ({summary['tokens_per_second']:.0f} tok/s); "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,23 +170,7 @@ def tokenize_dataset(
     return examples, report
 
 
-@dataclass
-class Batch:
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    @property
-    def num_target_tokens(self) -> int:
-        # Labels are shifted by one inside the loss: the first position never counts.
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def collate(examples: list[TokenizedExample], pad_id: int) -> Batch:
+def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, Tensor]:
     """Right-pad to the longest example of the micro-batch."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -198,20 +181,17 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> Batch:
         ids[row, :n] = torch.tensor(example.input_ids)
         mask[row, :n] = 1
         labels[row, :n] = torch.tensor(example.labels)
-    return Batch(ids, mask, labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(
-    examples: list[TokenizedExample], batch_size: int, data_seed: int, pad_id: int
-) -> Iterator[Batch]:
-    """Endless micro-batches: a fresh permutation (from ``data_seed``) every epoch."""
-    generator = torch.Generator().manual_seed(data_seed)
-    while True:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
-        if len(order) < batch_size:
-            yield collate([examples[i] for i in order], pad_id)
+@dataclass(frozen=True)
+class SFTCollator:
+    """The Trainer's ``data_collator``: ``collate`` with the tokenizer's pad id."""
+
+    pad_id: int
+
+    def __call__(self, examples: list[TokenizedExample]) -> dict[str, Tensor]:
+        return collate(examples, self.pad_id)
 
 
 def file_record(path: str | Path) -> dict[str, Any]:

@@ -36,8 +36,9 @@ class TrainModel:
     compute_dtype: torch.dtype
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(local_rank: int = 0) -> torch.device:
+    """This process's device: its own GPU under a multi-process launch, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -81,7 +82,7 @@ def build(recipe: Recipe, device: torch.device | None = None) -> TrainModel:
         tokenizer.pad_token = tokenizer.eos_token
     # Frozen base weights in the compute dtype; trainable adapter/TALAN weights stay fp32.
     # On a GPU, load straight onto it (a 32B host must not pass through host RAM first).
-    placement = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **placement).to(device)
     base.config.use_cache = False
 

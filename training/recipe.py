@@ -24,6 +24,9 @@ ADAPTER_TYPES = ("lora", "dora", "rslora")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULERS = ("cosine",)
 GENERATORS = ("arithmetic",)
+# How the processes of one run share the work (training/distributed.py).
+ENGINES = ("ddp", "fsdp", "deepspeed")
+TRACKERS = ("none", "tensorboard", "wandb")
 
 
 class RecipeError(ValueError):
@@ -44,6 +47,8 @@ class DataConfig:
         generate_train: examples in the generated training split.
         generate_heldout: examples in the generated held-out split.
         generate_seed: seed of the generator (independent of the training seeds).
+        eval_file: held-out JSONL in the same format; its loss is computed every
+            ``schedule.eval_steps`` steps.
     """
 
     train_file: str
@@ -52,6 +57,7 @@ class DataConfig:
     generate_train: int = 2000
     generate_heldout: int = 200
     generate_seed: int = 1234
+    eval_file: str | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "max_length", "generate_train", "generate_heldout")
@@ -125,7 +131,21 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Batching and length of the run. One step = one optimizer update."""
+    """Batching and length of the run. One step = one optimizer update.
+
+    Attributes:
+        per_device_batch_size: examples per process per micro-batch.
+        grad_accum: micro-batches per step, per process (``TrainingArguments``'s
+            ``gradient_accumulation_steps``): effective batch = per_device_batch_size x
+            grad_accum x processes.
+        world_size: the number of processes the recipe is written for; a launch with
+            another number is refused (``--keep-effective-batch`` rescales grad_accum).
+            None: any number, and the effective batch grows with it.
+        save_steps: write a full training checkpoint (adapter, TALAN, optimizer,
+            scheduler, RNG, data position) into ``output_dir/checkpoint-N`` every N
+            steps, for ``talan-train --resume``; save_total_limit keeps the newest ones.
+        eval_steps: held-out loss (``data.eval_file``) every N steps.
+    """
 
     max_steps: int = 78
     per_device_batch_size: int = 4
@@ -133,12 +153,58 @@ class ScheduleConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = True
     log_every: int = 1
+    world_size: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int | None = None
+    eval_steps: int | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "max_steps", "per_device_batch_size", "grad_accum", "log_every")
+        for name in ("world_size", "save_steps", "save_total_limit", "eval_steps"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
         if self.precision not in PRECISIONS:
             raise RecipeError(f"schedule.precision: unknown {self.precision!r}; "
                               f"expected one of {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class DistributedConfig:
+    """How the processes of a launch share the run (one process: no sharing at all).
+
+    Attributes:
+        engine: ``ddp`` (replicas, gradients all-reduced), ``fsdp`` (parameters,
+            gradients and optimizer state sharded, torch FSDP2) or ``deepspeed``
+            (ZeRO, the paper's setup).
+        config: the engine's JSON config (FSDP: ``fsdp_config``; DeepSpeed: its config
+            file); None takes the one shipped in ``training/distributed/``.
+    """
+
+    engine: str = "ddp"
+    config: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise RecipeError(f"distributed.engine: unknown {self.engine!r}; "
+                              f"expected one of {', '.join(ENGINES)}")
+        if self.engine == "ddp" and self.config is not None:
+            raise RecipeError("distributed.config: DDP takes no config file")
+
+
+@dataclass
+class TrackingConfig:
+    """Where the run reports besides its own ``train_log.jsonl`` (not a training input).
+
+    ``report_to``: ``none``, ``tensorboard`` (event files under ``output_dir/runs``) or
+    ``wandb`` (always offline: ``output_dir/wandb``, for ``wandb sync`` later).
+    """
+
+    report_to: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.report_to not in TRACKERS:
+            raise RecipeError(f"tracking.report_to: unknown {self.report_to!r}; "
+                              f"expected one of {', '.join(TRACKERS)}")
 
 
 @dataclass
@@ -180,11 +246,17 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 42
     data_seed: int = 42
     talan: TalanSection | None = None
     # Free text carried into the manifest (where the numbers come from); not audited.
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.schedule.eval_steps is not None and self.data.eval_file is None:
+            raise RecipeError("schedule.eval_steps needs data.eval_file (the held-out JSONL)")
 
     @property
     def warmup_steps(self) -> int:
@@ -207,7 +279,8 @@ class Recipe:
             raise RecipeError("a recipe is a YAML mapping")
         record = dict(record)
         sections = {"data": DataConfig, "adapter": AdapterConfig, "optim": OptimConfig,
-                    "schedule": ScheduleConfig}
+                    "schedule": ScheduleConfig, "distributed": DistributedConfig,
+                    "tracking": TrackingConfig}
         for key, kind in sections.items():
             if key in record:
                 record[key] = _build(kind, record[key], key)

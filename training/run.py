@@ -1,14 +1,15 @@
-"""One ``talan-train RECIPE.yaml`` run, end to end.
+"""One ``talan-train RECIPE.yaml`` run, end to end, in any launch.
 
-recipe -> data (generated if the recipe says so) -> model (+adapter, +TALAN) -> loop ->
-checkpoint in the core format + run manifest + JSONL log + loss PNG, all in
-``output_dir``. A recipe without a ``talan`` section writes the LoRA-only twin
-(``talan_manifest.json`` says ``"talan": false``; no TALAN files).
+recipe -> launch checks (before any model loads) -> data (generated if the recipe says so)
+-> model (+adapter, +TALAN) -> transformers' Trainer -> checkpoint in the core format +
+run manifest + JSONL log + loss PNG, all in ``output_dir``. A recipe without a ``talan``
+section writes the LoRA-only twin (``talan_manifest.json`` says ``"talan": false``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,10 +18,10 @@ from typing import Any
 
 import torch
 
-from talan_serve.checkpoint import save_checkpoint
 from training import arithmetic
+from training.axes import TalanAxes, TalanAxesCallback
 from training.data import file_record, read_jsonl, tokenize_dataset
-from training.loop import Hooks, StepRecord, train
+from training.distributed import Launch, check, engine_in_effect, grad_accum_for
 from training.manifest import (
     MANIFEST_NAME,
     base_model_record,
@@ -29,26 +30,39 @@ from training.manifest import (
     package_versions,
     write_manifest,
 )
-from training.model import TrainModel, build, count_parameters, peft_config
-from training.plots import plot_loss
+from training.model import TrainModel, build, count_parameters, peft_config, resolve_precision
+from training.plots import plot_loss, read_log
 from training.recipe import Recipe
+from training.step_log import (
+    EVAL_LOG_NAME,
+    LOG_NAME,
+    Hooks,
+    HooksCallback,
+    StepLogCallback,
+    StepRecord,
+)
+from training.trainer import RECIPE_COPY, RunPlan, make_trainer, training_arguments
 
 logger = logging.getLogger(__name__)
 
-LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss.png"
-RECIPE_COPY = "recipe.yaml"
 # How the code applies the protocol; part of the audited training side (a code change
 # that altered one of these would show up as a difference).
 PROTOCOL = {
+    "trainer": "transformers Trainer on accelerate; the recipe maps onto TrainingArguments",
     "matched_init": "torch.manual_seed(seed) right before get_peft_model; TALAN attached "
                     "after it on a forked RNG seeded with talan.init_seed (default: seed)",
-    "grad_scale": "TALAN body grads x gamma after clipping, right before optimizer.step",
+    "grad_scale": "TALAN body grads x gamma after clipping, in a step pre-hook of the torch "
+                  "optimizer (every engine calls it after its clipping)",
     "steps": "1-based optimizer steps; freeze_steps=k: identity in steps 1..k; "
-             "activate_steps=k: TALAN updated in steps 1..k",
-    "loss": "mean cross-entropy over assistant tokens of the whole optimizer step",
+             "activate_steps=k: TALAN updated in steps 1..k (other steps drop its grads "
+             "before the update: no moment, step count or decay)",
+    "loss": "mean cross-entropy over the assistant tokens of the whole optimizer step, on "
+            "all processes (the model's causal-LM loss over num_items_in_batch)",
     "weight_decay": "all trainable params except biases and norms",
-    "data_order": "torch.randperm per epoch from data_seed; incomplete last batch dropped",
+    "data_order": "accelerate's seedable sampler: torch.randperm per epoch seeded with "
+                  "data_seed + epoch, each global batch split across processes; "
+                  "incomplete last batch dropped",
     "scheduler": "linear warmup ceil(warmup_ratio*max_steps) steps, then cosine to 0",
 }
 
@@ -70,43 +84,109 @@ def prepare_data(recipe: Recipe) -> Path:
         held = arithmetic.write_splits(path, recipe.data.generate_train,
                                        recipe.data.generate_heldout, recipe.data.generate_seed)
         logger.info("generated %s and %s", path, held)
+    if recipe.data.eval_file is not None and not Path(recipe.data.eval_file).is_file():
+        raise FileNotFoundError(f"data.eval_file {recipe.data.eval_file} does not exist")
     return path
 
 
+def plan_run(recipe: Recipe, keep_effective_batch: bool = False,
+             launch: Launch | None = None) -> RunPlan:
+    """Resolve the launch and refuse what cannot run here (LaunchError), loading nothing."""
+    launch = launch or Launch.from_env()
+    cuda = torch.cuda.is_available()
+    check(recipe, launch, cuda)
+    grad_accum = grad_accum_for(recipe, launch, keep_effective_batch)
+    device = torch.device("cuda", launch.local_rank) if cuda else torch.device("cpu")
+    dtype = resolve_precision(recipe.schedule.precision, device)
+    return RunPlan(launch, grad_accum, device, dtype, engine_in_effect(recipe.distributed, launch))
+
+
 def run(recipe: Recipe, hooks: Hooks | None = None, progress: bool = True,
-        device: torch.device | None = None) -> RunResult:
+        resume: bool = False, keep_effective_batch: bool = False) -> RunResult:
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data_path = prepare_data(recipe)
+    plan = plan_run(recipe, keep_effective_batch)
+    resume_from, resumed_at = None, 0
+    if resume:
+        from training.resume import newest
 
-    train_model = build(recipe, device)
-    conversations = read_jsonl(data_path)
-    examples, truncation = tokenize_dataset(train_model.tokenizer, conversations,
+        resume_from, resumed_at = newest(recipe, plan.launch.world_size, plan.engine)
+        logger.info("resuming from %s (step %d)", resume_from, resumed_at)
+    # Constructing the arguments starts the process group: from here the main process
+    # can go first where files are written once.
+    out = Path(recipe.output_dir)
+    if recipe.tracking.report_to == "wandb":
+        # Offline always: the run is kept under output_dir for a later `wandb sync`.
+        os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_DIR", str(out.resolve()))
+        os.environ.setdefault("WANDB_PROJECT", "talan-serve")
+    args = training_arguments(recipe, plan)
+    with args.main_process_first(desc="training data"):
+        out.mkdir(parents=True, exist_ok=True)
+        data_path = prepare_data(recipe)
+
+    if plan.engine == "deepspeed":
+        from patches import apply_deepspeed
+
+        apply_deepspeed()
+    train_model = build(recipe, plan.device)
+    examples, truncation = tokenize_dataset(train_model.tokenizer, read_jsonl(data_path),
                                             recipe.data.max_length)
     logger.info("%s: %s", data_path, truncation.summary())
+    eval_examples = None
+    if recipe.data.eval_file is not None and recipe.schedule.eval_steps is not None:
+        eval_examples, _ = tokenize_dataset(train_model.tokenizer,
+                                            read_jsonl(recipe.data.eval_file),
+                                            recipe.data.max_length)
     counts = count_parameters(train_model.model, train_model.block)
 
-    records = train(recipe, train_model, examples, out / LOG_NAME, hooks, progress)
-    train_seconds = sum(r.seconds for r in records)
+    axes = TalanAxes(train_model.block)
+    main = plan.launch.is_main
+    step_log = StepLogCallback(out, axes, write=main, progress=progress, name=recipe.name,
+                               resumed_at=resumed_at)
+    callbacks: list = [TalanAxesCallback(axes), step_log]
+    if hooks is not None:
+        callbacks.append(HooksCallback(hooks, train_model))
+    trainer = make_trainer(recipe, args, train_model, examples, eval_examples, axes,
+                           callbacks, hooks)
+    trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
+    trainer.save_model(str(out))
+    train_model.model.eval()
 
-    save_checkpoint(out, recipe.base_model, block=train_model.block,
-                    peft_model=train_model.model,
-                    metadata={"run_manifest": MANIFEST_NAME, "recipe": recipe.name})
-    (out / RECIPE_COPY).write_text(recipe.to_yaml())
-    plot_loss({recipe.name: out / LOG_NAME}, out / PLOT_NAME, title=f"{recipe.name} loss")
+    manifest: dict[str, Any] = {}
+    if main:
+        logs = {recipe.name: out / LOG_NAME}
+        plot_loss(logs, out / PLOT_NAME, title=f"{recipe.name} loss",
+                  eval_logs={recipe.name: out / EVAL_LOG_NAME})
+        manifest = _manifest(recipe, plan, train_model, data_path, examples, truncation,
+                             counts, started, started_at, resumed_at, out)
+        # What accelerate actually ran (it maps an engine it cannot apply to another).
+        manifest["environment"]["accelerate_distributed_type"] = str(
+            trainer.accelerator.distributed_type).split(".")[-1]
+        write_manifest(out / MANIFEST_NAME, manifest)
+    return RunResult(out, train_model, step_log.records, manifest)
 
-    manifest = {
+
+def _manifest(recipe: Recipe, plan: RunPlan, train_model: TrainModel, data_path: Path,
+              examples: list, truncation: Any, counts: dict[str, int], started: float,
+              started_at: str, resumed_at: int, out: Path) -> dict[str, Any]:
+    schedule, world = recipe.schedule, plan.launch.world_size
+    log = read_log(out / LOG_NAME)  # the whole run's, a resumed one's included
+    evals = read_log(out / EVAL_LOG_NAME) if (out / EVAL_LOG_NAME).is_file() else []
+    train_seconds = sum(r["seconds"] for r in log)
+    tokens = sum(r["tokens"] for r in log)
+    return {
         "name": recipe.name,
         "training": {
             "recipe": recipe.to_dict(),
             "resolved": {
                 "warmup_steps": recipe.warmup_steps,
-                "effective_batch": recipe.schedule.per_device_batch_size
-                * recipe.schedule.grad_accum,
-                "compute_dtype": str(train_model.compute_dtype).split(".")[-1],
-                "gradient_checkpointing": recipe.schedule.gradient_checkpointing,
+                "world_size": world,
+                "distributed_engine": plan.engine,
+                "grad_accum_per_process": plan.grad_accum,
+                "effective_batch": schedule.per_device_batch_size * plan.grad_accum * world,
+                "compute_dtype": str(plan.compute_dtype).split(".")[-1],
+                "gradient_checkpointing": schedule.gradient_checkpointing,
             },
             "protocol": PROTOCOL,
             "base_model": base_model_record(train_model.base_model_dir, recipe.base_model),
@@ -124,23 +204,25 @@ def run(recipe: Recipe, hooks: Hooks | None = None, progress: bool = True,
         "environment": {
             "packages": package_versions(),
             "git": git_revision(),
-            "device": device_record(train_model.device, train_model.compute_dtype),
+            "device": device_record(plan.device, plan.compute_dtype),
+            "launcher": plan.launch.launcher,
         },
         "results": {
             "started_at": started_at,
+            "resumed_from_step": resumed_at or None,
             "wall_seconds": round(time.perf_counter() - started, 1),
             "train_seconds": round(train_seconds, 1),
-            "first_loss": records[0].loss,
-            "final_loss": records[-1].loss,
-            "mean_last5_loss": sum(r.loss for r in records[-5:]) / len(records[-5:]),
-            "tokens": sum(r.tokens for r in records),
-            "tokens_per_second": sum(r.tokens for r in records) / max(train_seconds, 1e-9),
+            "first_loss": log[0]["loss"],
+            "final_loss": log[-1]["loss"],
+            "mean_last5_loss": sum(r["loss"] for r in log[-5:]) / len(log[-5:]),
+            "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+            "tokens": tokens,
+            "tokens_per_second": tokens / max(train_seconds, 1e-9),
             "output_dir": str(out),
-            "files": {"log": LOG_NAME, "loss_plot": PLOT_NAME, "recipe": RECIPE_COPY},
+            "files": {"log": LOG_NAME, "loss_plot": PLOT_NAME, "recipe": RECIPE_COPY,
+                      **({"eval_log": EVAL_LOG_NAME} if evals else {})},
         },
     }
-    write_manifest(out / MANIFEST_NAME, manifest)
-    return RunResult(out, train_model, records, manifest)
 
 
 def _jsonable(value: Any) -> Any:

@@ -12,7 +12,6 @@ from training import arithmetic
 from training.data import (
     IGNORE_INDEX,
     DataError,
-    batches,
     collate,
     read_jsonl,
     tokenize_conversation,
@@ -88,21 +87,18 @@ def test_truncation_is_counted_not_silent(tokenizer, caplog) -> None:
     assert "2 truncated" in caplog.text and "1 dropped" in caplog.text
 
 
-def test_batches_pad_right_and_follow_the_data_seed(tokenizer) -> None:
+def test_collate_pads_right_and_masks_the_padding(tokenizer) -> None:
     chats = [[{"role": "user", "content": w}, {"role": "assistant", "content": w}]
-             for w in ("one", "two three", "four five six", "seven")]
+             for w in ("one", "two three four five")]
     examples, _ = tokenize_dataset(tokenizer, chats, 64)
-    batch = collate(examples[:2], pad_id=0)
-    n0 = len(examples[0].input_ids)
-    assert batch.attention_mask[0].tolist() == [1] * n0 + [0] * (batch.input_ids.shape[1] - n0)
-    assert (batch.labels[0, n0:] == IGNORE_INDEX).all()
-
-    def order(seed: int) -> list[list[int]]:
-        stream = batches(examples, 2, seed, 0)
-        return [next(stream).input_ids[:, 0:8].tolist() for _ in range(4)]
-
-    assert order(3) == order(3)
-    assert order(3) != order(4)
+    batch = collate(examples, pad_id=0)
+    n0, width = len(examples[0].input_ids), batch["input_ids"].shape[1]
+    assert width == len(examples[1].input_ids) > n0
+    assert batch["attention_mask"][0].tolist() == [1] * n0 + [0] * (width - n0)
+    assert batch["input_ids"][0, :n0].tolist() == examples[0].input_ids
+    assert (batch["input_ids"][0, n0:] == 0).all()
+    assert (batch["labels"][0, n0:] == IGNORE_INDEX).all()
+    assert batch["labels"][1].tolist() == examples[1].labels
 
 
 def test_arithmetic_splits_are_deterministic_and_disjoint(tmp_path: Path) -> None:

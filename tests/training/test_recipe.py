@@ -28,8 +28,9 @@ def test_paper_recipes_carry_the_paper_hyperparameters(key: str) -> None:
     assert recipe.adapter.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     schedule = recipe.schedule
     assert (schedule.max_steps, schedule.per_device_batch_size) == (78, 4)
-    # effective batch 64 (paper: 4 x 8 accumulation x 2 GPUs) in one process
-    assert schedule.per_device_batch_size * schedule.grad_accum == 64
+    # the paper's own numbers: 4 per device x 8 accumulation x 2 GPUs, DeepSpeed ZeRO-2
+    assert (schedule.grad_accum, schedule.world_size) == (8, 2)
+    assert recipe.distributed.engine == "deepspeed" and recipe.distributed.config is None
     assert (schedule.precision, schedule.gradient_checkpointing) == ("bf16", True)
     assert (recipe.optim.warmup_ratio, recipe.optim.max_grad_norm) == (0.1, 1.0)
     assert recipe.warmup_steps == 8
@@ -68,6 +69,11 @@ def test_demo_pair_differs_only_in_talan() -> None:
     ({"schedule": {"precision": "fp16"}}, "precision: unknown 'fp16'"),
     ({"talan": {"preset": "q9b"}}, "talan.preset: unknown 'q9b'"),
     ({"seeds": 1}, "unknown field.*seeds"),
+    ({"distributed": {"engine": "horovod"}}, "distributed.engine: unknown 'horovod'"),
+    ({"distributed": {"engine": "ddp", "config": "x.json"}}, "DDP takes no config"),
+    ({"tracking": {"report_to": "mlflow"}}, "report_to: unknown 'mlflow'"),
+    ({"schedule": {"save_steps": 0}}, "save_steps must be > 0"),
+    ({"schedule": {"eval_steps": 5}}, "eval_steps needs data.eval_file"),
 ])
 def test_bad_recipes_are_refused(patch: dict, message: str) -> None:
     record = {"name": "x", "base_model": "m", "output_dir": "o",

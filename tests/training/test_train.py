@@ -9,9 +9,9 @@ import torch
 
 from talan_serve.reference import find_talan, load_reference, talan_disabled
 from talan_serve.trainable import parameter_groups
-from training.loop import Hooks
 from training.model import lora_state, talan_state
 from training.run import run
+from training.step_log import Hooks
 
 
 @dataclass
