@@ -18,8 +18,9 @@ full text of a sequence that stops at its length. An engine's backend
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib.util
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,8 +36,6 @@ from server.adapters import (
 )
 from server.backends.base import ModelInfo, SequenceDelta
 from talan_serve.switch import switch_args
-
-logger = logging.getLogger(__name__)
 
 
 class UsageError(ValueError):
@@ -160,8 +159,6 @@ class EngineBackend:
     @classmethod
     def missing(cls) -> str | None:
         """Why this engine cannot run in this environment (one line), or None."""
-        import importlib.util
-
         if importlib.util.find_spec(cls.engine_module) is not None:
             return None
         return (f"talan-serve: the {cls.engine} engine is not installed in this environment; "
@@ -264,8 +261,6 @@ class EngineBackend:
     def in_flight(self, route: RequestRoute):
         """A context that counts the request against its adapter while it runs."""
         if self.served_adapters is None:
-            from contextlib import nullcontext
-
             return nullcontext()
         return self.served_adapters.in_flight(route)
 
