@@ -82,11 +82,13 @@ def side_path_ms(checkpoints: dict, batch: int, repeats: int = 200) -> dict[str,
     import numpy as np
     import torch
 
-    from talan_serve.adapters import AdapterSetSpec, plan_groups
+    from talan_serve.adapter_set import TalanAdapterSet
+    from talan_serve.adapter_spec import AdapterSetSpec
+    from talan_serve.step_plan import plan_groups
 
     configs = [c.config for c in checkpoints.values()]
-    adapters = AdapterSetSpec.covering(configs, configs[0].hidden_size,
-                                       max_adapters=max(COUNTS)).build()
+    adapters = TalanAdapterSet(AdapterSetSpec.covering(configs, configs[0].hidden_size,
+                                                       max_adapters=max(COUNTS)))
     for adapter, checkpoint in checkpoints.items():
         adapters.add(adapter, checkpoint.config, checkpoint.state_dict)
     generator = torch.Generator().manual_seed(0)
@@ -117,10 +119,10 @@ def main() -> None:
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
-    from talan_serve.adapters import AdapterSetSpec
+    from talan_serve.adapter_spec import AdapterSetSpec
     from talan_serve.base_models import default_model_dir
     from talan_serve.checkpoint import load_checkpoint
-    from talan_serve.prepared import prepare_adapter_host
+    from talan_serve.prepared import prepare_adapter_base
     from talan_serve.switch import switch_args
 
     base = Path(args.base_model) if args.base_model else default_model_dir()
@@ -132,7 +134,7 @@ def main() -> None:
         return
     spec = AdapterSetSpec.covering([c.config for c in checkpoints.values()],
                                    checkpoints[1].config.hidden_size, max_adapters=max(COUNTS))
-    folder = prepare_adapter_host(base, work / "prepared", spec)
+    folder = prepare_adapter_base(base, work / "prepared", spec)
     max_batch = max(args.batches)
     start = time.perf_counter()
     llm = LLM(str(folder), dtype="float32", enforce_eager=True, seed=0,

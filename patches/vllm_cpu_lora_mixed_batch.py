@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from patches import on_vllm_cpu
+from patches.versions import on_vllm_cpu
 
 TARGET_VERSION = "0.32.0"
 PATCHED_FUNCTIONS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")

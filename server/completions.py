@@ -20,7 +20,7 @@ from server.state import ServerState
 
 
 @dataclass
-class _Choice:
+class _CompletionChoice:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -51,21 +51,21 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     tokenizer = info.tokenizer
     n = body.n
 
-    def new_choice() -> _Choice:
+    def new_choice() -> _CompletionChoice:
         builder = None
         if body.logprobs is not None:
             builder = CompletionLogprobBuilder(body.logprobs, tokenizer,
                                                body.return_tokens_as_token_ids)
-        return _Choice(logprobs=builder)
+        return _CompletionChoice(logprobs=builder)
 
-    def echo_into(choice: _Choice, prompt_index: int, prompt_lps) -> str:
+    def echo_into(choice: _CompletionChoice, prompt_index: int, prompt_lps) -> str:
         prompt = prompts[prompt_index]
         choice.echoed = True
         if choice.logprobs is not None:
             choice.logprobs.add(prompt.token_ids, prompt_lps or [None] * len(prompt.token_ids))
         return prompt.text if prompt.text is not None else tokenizer.decode(prompt.token_ids)
 
-    def usage(choices: dict[int, _Choice]) -> dict:
+    def usage(choices: dict[int, _CompletionChoice]) -> dict:
         completion = sum(len(c.token_ids) for c in choices.values())
         prompt = sum(len(p.token_ids) for p in prompts)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -112,7 +112,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     async def events() -> AsyncIterator[str]:
         choices = {i: new_choice() for i in range(len(prompts) * n)}
 
-        def chunk(index: int, text: str, choice: _Choice, finish: str | None) -> str:
+        def chunk(index: int, text: str, choice: _CompletionChoice, finish: str | None) -> str:
             logprobs = choice.logprobs.take() if choice.logprobs is not None else None
             event = {"id": response_id, "object": "text_completion", "created": created,
                      "model": run.model_name,

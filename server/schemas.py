@@ -322,6 +322,8 @@ class ModelCard(BaseModel):
     max_model_len: int
     talan: bool
     dtype: str
+    # How the model's LoRA is served (a wire name kept for clients: "adapter" here is the
+    # PEFT adapter, docs/design.md "Glossary").
     adapter: Literal["merged", "per_request"] | None
     deterministic: bool  # --deterministic: outputs independent of other requests in flight
     root: str | None = None  # as vLLM: the model's name, or an adapter's checkpoint path

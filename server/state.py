@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from server.adapters import AdapterRegistry
 from server.backends.base import Backend
 from server.metrics import Metrics
 from server.runner import Admission
 from server.tools import parser_for
-
-if TYPE_CHECKING:
-    from server.adapters import AdapterRegistry
 
 
 @dataclass
@@ -49,7 +46,7 @@ class ServerState:
     @property
     def registry(self) -> AdapterRegistry | None:
         """The named adapters, on a server of many (``server.adapters``); else None."""
-        return getattr(self.backend, "registry", None)
+        return self.backend.registry
 
     def adapter_name(self, name: str | None) -> str | None:
         """``name`` if it names a served adapter (what the engine routes by), else None."""

@@ -15,8 +15,7 @@ CUDA graphs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,25 +32,25 @@ def _f32(tensor: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class Route:
-    """Which stacked adapter each token runs (``TalanBlock.stacked``).
+class Entries:
+    """Which entry of a stacked block each token runs (``talan_serve.stacks``).
 
-    ``index``: ``(n,)`` each token's position in the stack; ``slot_mask``: ``(n, T)`` the
-    slots of that adapter (its own T, the rest padding that never receives mass).
+    ``index``: ``(n,)`` each token's entry in the stack; ``slot_mask``: ``(n, T)`` the
+    slots of that entry's adapter (its own T, the rest padding that never receives mass).
     """
 
     index: Tensor
-    tokens: Tensor  # (n,) arange, to pick each token's own adapter out of all of them
+    tokens: Tensor  # (n,) arange, to pick each token's own entry out of all of them
     slot_mask: Tensor
 
 
-def _param(param: Tensor, route: Route | None) -> Tensor:
-    """A parameter as the tokens see it: itself, or each token's adapter's ``(n, ...)``."""
-    return _f32(param) if route is None else _f32(param).index_select(0, route.index)
+def _param(param: Tensor, entries: Entries | None) -> Tensor:
+    """A parameter as the tokens see it: itself, or each token's entry's ``(n, ...)``."""
+    return _f32(param) if entries is None else _f32(param).index_select(0, entries.index)
 
 
-def _linear(layer: nn.Linear, x: Tensor, route: Route | None = None) -> Tensor:
-    if route is None:
+def _linear(layer: nn.Linear, x: Tensor, entries: Entries | None = None) -> Tensor:
+    if entries is None:
         bias = None if layer.bias is None else _f32(layer.bias)
         return F.linear(x, _f32(layer.weight), bias)
     # Stacked (A, out, in): every adapter's output in one matmul, then each token's own.
@@ -60,19 +59,19 @@ def _linear(layer: nn.Linear, x: Tensor, route: Route | None = None) -> Tensor:
     stacks, out = weight.shape[0], weight.shape[1]
     every = F.linear(x, weight.reshape(stacks * out, -1))
     if x.dim() == 2:
-        own = every.view(x.shape[0], stacks, out)[route.tokens, route.index]
+        own = every.view(x.shape[0], stacks, out)[entries.tokens, entries.index]
     else:
-        own = every.view(*x.shape[:2], stacks, out)[route.tokens, :, route.index]
+        own = every.view(*x.shape[:2], stacks, out)[entries.tokens, :, entries.index]
     if layer.bias is None:
         return own
-    bias = _param(layer.bias, route)
+    bias = _param(layer.bias, entries)
     return own + (bias if x.dim() == 2 else bias.unsqueeze(1))
 
 
-def _select_slots(stacked: Tensor, route: Route) -> Tensor:
+def _select_slots(stacked: Tensor, entries: Entries) -> Tensor:
     """``(n, A * T)`` per-slot values of every adapter -> each token's own ``(n, T)``."""
-    return stacked.view(stacked.shape[0], -1, route.slot_mask.shape[1])[route.tokens,
-                                                                        route.index]
+    return stacked.view(stacked.shape[0], -1, entries.slot_mask.shape[1])[entries.tokens,
+                                                                        entries.index]
 
 
 # The running summary's dtype, whatever the host's: a sum over the whole context.
@@ -154,24 +153,24 @@ class Summarize(nn.Module):
             self.slot_prior = nn.Parameter(torch.zeros(t))
             self.scale = 1.0 / math.sqrt(r)
 
-    def forward(self, hidden: Tensor, route: Route | None = None) -> Tensor:
+    def forward(self, hidden: Tensor, entries: Entries | None = None) -> Tensor:
         queries = _f32(self.slot_queries)
-        if route is not None:
+        if entries is not None:
             queries = queries.reshape(-1, queries.shape[-1])  # (A * T, .): every adapter's
         if self.method == "attention":
             logits = F.linear(hidden, queries)
-            if route is not None:
-                logits = _select_slots(logits, route)
+            if entries is not None:
+                logits = _select_slots(logits, entries)
             logits = logits * self.scale
         else:
-            projected = _linear(self.projection, hidden, route)
+            projected = _linear(self.projection, hidden, entries)
             scores = F.linear(projected, queries)
-            if route is not None:
-                scores = _select_slots(scores, route)
-            logits = torch.add(_param(self.slot_prior, route), scores, alpha=self.scale)
-        if route is not None:
+            if entries is not None:
+                scores = _select_slots(scores, entries)
+            logits = torch.add(_param(self.slot_prior, entries), scores, alpha=self.scale)
+        if entries is not None:
             # A stacked adapter's padding slots: exactly zero assignment, so never any mass.
-            logits = logits.masked_fill(~route.slot_mask, float("-inf"))
+            logits = logits.masked_fill(~entries.slot_mask, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
 
@@ -185,14 +184,14 @@ class MultiheadLocalMixer(nn.Module):
         self.up = nn.Linear(config.mixer_dim, config.hidden_size, bias=False)
 
     def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor,
-                route: Route | None = None) -> Tensor:
+                entries: Entries | None = None) -> Tensor:
         n, t, _ = summaries.shape
-        query = _linear(self.down, hidden, route).view(n, self.num_heads, -1)
-        slots = _linear(self.down, summaries, route).view(n, t, self.num_heads, -1)
-        return self.up_project(_attend(query, slots, slots, route), route)
+        query = _linear(self.down, hidden, entries).view(n, self.num_heads, -1)
+        slots = _linear(self.down, summaries, entries).view(n, t, self.num_heads, -1)
+        return self.up_project(_attend(query, slots, slots, entries), entries)
 
-    def up_project(self, mixed: Tensor, route: Route | None = None) -> Tensor:
-        return _linear(self.up, mixed.reshape(mixed.shape[0], -1), route)
+    def up_project(self, mixed: Tensor, entries: Entries | None = None) -> Tensor:
+        return _linear(self.up, mixed.reshape(mixed.shape[0], -1), entries)
 
 
 class CrossAttnMixer(nn.Module):
@@ -207,11 +206,11 @@ class CrossAttnMixer(nn.Module):
         self.out = nn.Linear(r, d, bias=False)
 
     def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor,
-                route: Route | None = None) -> Tensor:
-        query = _linear(self.query, hidden, route).unsqueeze(1)
-        keys = _linear(self.key, summaries, route).unsqueeze(2)
-        values = _linear(self.value, summaries, route).unsqueeze(2)
-        return _linear(self.out, _attend(query, keys, values, route).squeeze(1), route)
+                entries: Entries | None = None) -> Tensor:
+        query = _linear(self.query, hidden, entries).unsqueeze(1)
+        keys = _linear(self.key, summaries, entries).unsqueeze(2)
+        values = _linear(self.value, summaries, entries).unsqueeze(2)
+        return _linear(self.out, _attend(query, keys, values, entries).squeeze(1), entries)
 
 
 class GatedCrossAttnMixer(CrossAttnMixer):
@@ -224,11 +223,11 @@ class GatedCrossAttnMixer(CrossAttnMixer):
         self.gate_up = nn.Linear(r, d, bias=True)
 
     def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor,
-                route: Route | None = None) -> Tensor:
-        attended = super().forward(hidden, summaries, assignments, route)
+                entries: Entries | None = None) -> Tensor:
+        attended = super().forward(hidden, summaries, assignments, entries)
         gate_input = torch.cat([hidden, attended], dim=-1)
-        gate = torch.sigmoid(_linear(self.gate_up, _linear(self.gate_down, gate_input, route),
-                                     route))
+        gate = torch.sigmoid(_linear(self.gate_up, _linear(self.gate_down, gate_input, entries),
+                                     entries))
         return gate * attended
 
 
@@ -242,38 +241,21 @@ class PerTokenMixer(nn.Module):
         self.fc_out = nn.Linear(r, d)
 
     def forward(self, hidden: Tensor, summaries: Tensor, assignments: Tensor,
-                route: Route | None = None) -> Tensor:
+                entries: Entries | None = None) -> Tensor:
         mixed_summary = (assignments.unsqueeze(-1) * summaries).sum(dim=1)
-        inner = F.gelu(_linear(self.fc_in, torch.cat([hidden, mixed_summary], dim=-1), route))
-        return _linear(self.fc_out, inner, route)
+        inner = F.gelu(_linear(self.fc_in, torch.cat([hidden, mixed_summary], dim=-1), entries))
+        return _linear(self.fc_out, inner, entries)
 
 
-def _attend(query: Tensor, keys: Tensor, values: Tensor, route: Route | None = None) -> Tensor:
+def _attend(query: Tensor, keys: Tensor, values: Tensor, entries: Entries | None = None) -> Tensor:
     """Per-token attention over its own slots: query (n, h, c), keys/values (n, T, h, c)."""
     # Broadcast products, not einsum: a token meets only T slots, and einsum's permutes
     # and batched matmul dispatch more ops than the arithmetic is worth.
     scores = (keys * query.unsqueeze(1)).sum(-1) * (1.0 / math.sqrt(query.shape[-1]))
-    if route is not None:
-        scores = scores.masked_fill(~route.slot_mask.unsqueeze(-1), float("-inf"))
+    if entries is not None:
+        scores = scores.masked_fill(~entries.slot_mask.unsqueeze(-1), float("-inf"))
     weights = torch.softmax(scores, dim=1)
     return (weights.unsqueeze(-1) * values).sum(1)
-
-
-def stack_key(config: TalanConfig) -> tuple:
-    """What blocks must share to be stacked: every field but the slot count and alpha (the
-    slot-indexed weights are padded; alpha is a weight like any other)."""
-    fields = config.to_dict()
-    for free in ("n_themes", "alpha", "trainable", "grad_scale", "freeze_steps",
-                 "activate_steps", "connection_point"):
-        fields.pop(free)
-    return tuple(sorted(fields.items()))
-
-
-def _pad_slots(name: str, param: Tensor, themes: int) -> Tensor:
-    """The slot-indexed weights (slot queries and prior) padded with zeros to ``themes``."""
-    if name.startswith("summarize.slot_"):
-        return F.pad(param, (0, 0) * (param.dim() - 1) + (0, themes - param.shape[0]))
-    return param
 
 
 MIXERS: dict[str, type[nn.Module]] = {
@@ -303,25 +285,28 @@ class Writeback(nn.Module):
             self.gate_proj = nn.Parameter(torch.zeros(2 * d))
             self.gate_bias = nn.Parameter(torch.zeros(()))
 
-    def forward(self, hidden: Tensor, perturbation: Tensor, route: Route | None = None) -> Tensor:
+    def forward(self, hidden: Tensor, perturbation: Tensor,
+                entries: Entries | None = None) -> Tensor:
         """The additive update ``X~ - X``."""
         if self.integration == "direct":
-            alpha = _param(self.alpha, route)
-            return (alpha if route is None else alpha.unsqueeze(-1)) * perturbation
+            alpha = _param(self.alpha, entries)
+            return (alpha if entries is None else alpha.unsqueeze(-1)) * perturbation
         gate_input = torch.cat([hidden, perturbation], dim=-1)
-        if route is None:
+        if entries is None:
             modulation = torch.mv(gate_input, _f32(self.gate_proj))
         else:
-            modulation = (gate_input * _param(self.gate_proj, route)).sum(-1)
-        modulation = 2.0 * torch.sigmoid(modulation + _param(self.gate_bias, route))
-        return _param(self.gate_value, route) * modulation.unsqueeze(-1) * perturbation
+            modulation = (gate_input * _param(self.gate_proj, entries)).sum(-1)
+        modulation = 2.0 * torch.sigmoid(modulation + _param(self.gate_bias, entries))
+        return _param(self.gate_value, entries) * modulation.unsqueeze(-1) * perturbation
 
 
 class TalanBlock(nn.Module):
     """``X~ = writeback(remix(summarize(X)))`` with the causal running summary.
 
     The block always acts; the off switch belongs to whoever places it (the reference's
-    ``TalanPlacement.enabled``, an engine's per-request switch).
+    ``TalanPlacement.enabled``, an engine's per-request switch). A stacked block
+    (``talan_serve.stacks``) is this class with a leading entry dimension on every
+    parameter and a ``slot_mask`` buffer; ``perturbation(..., entries=...)`` runs it.
     """
 
     def __init__(self, config: TalanConfig):
@@ -337,7 +322,7 @@ class TalanBlock(nn.Module):
         cu_seqlens: Tensor | None,
         initial_state: Tensor | None = None,
         token_weight: Tensor | None = None,
-        route: Tensor | None = None,
+        entries: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """fp32 ``X~ - X`` for packed tokens, and each sequence's state after them.
 
@@ -348,13 +333,14 @@ class TalanBlock(nn.Module):
             initial_state: ``(B, T, d + 1)`` carried state; None for fresh sequences.
             token_weight: ``(num_tokens,)`` 1 for real tokens, 0 for padding, which then
                 contributes nothing to any summary.
-            route: a stacked block's (``stacked``) ``(num_tokens,)`` adapter per token.
+            entries: a stacked block's (``talan_serve.stacks``) ``(num_tokens,)`` entry per
+                token.
         """
         if torch.is_autocast_enabled(hidden.device.type):
             with torch.autocast(device_type=hidden.device.type, enabled=False):
                 return self._perturbation(hidden, cu_seqlens, initial_state, token_weight,
-                                          route)
-        return self._perturbation(hidden, cu_seqlens, initial_state, token_weight, route)
+                                          entries)
+        return self._perturbation(hidden, cu_seqlens, initial_state, token_weight, entries)
 
     def _perturbation(
         self,
@@ -362,23 +348,23 @@ class TalanBlock(nn.Module):
         cu_seqlens: Tensor | None,
         initial_state: Tensor | None,
         token_weight: Tensor | None,
-        route: Tensor | None,
+        entries: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         x = _f32(hidden)
         if initial_state is None:
             num_seqs = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
             initial_state = empty_state(self.config, num_seqs, x.device)
-        routed = None
-        if route is not None:
-            routed = Route(route, torch.arange(route.shape[0], device=route.device),
-                           self.slot_mask.index_select(0, route))
-        assignments = self.summarize(x, routed)
+        selected = None
+        if entries is not None:
+            selected = Entries(entries, torch.arange(entries.shape[0], device=entries.device),
+                               self.slot_mask.index_select(0, entries))
+        assignments = self.summarize(x, selected)
         if token_weight is not None:
             assignments = assignments * token_weight.to(assignments.dtype).unsqueeze(-1)
         summaries, state = running_summary(
             x, assignments, cu_seqlens, initial_state, self.config.eps
         )
-        return self.writeback(x, self.mixer(x, summaries, assignments, routed), routed), state
+        return self.writeback(x, self.mixer(x, summaries, assignments, selected), selected), state
 
     def forward(
         self,
@@ -403,61 +389,3 @@ class TalanBlock(nn.Module):
         weight = None if attention_mask is None else attention_mask.reshape(-1)
         out, state = self.forward(hidden.reshape(-1, dim), cu_seqlens, initial_state, weight)
         return out.view(batch, seq_len, dim), state
-
-    @classmethod
-    def stacked(cls, blocks: Sequence[TalanBlock], capacity: int | None = None,
-                n_themes: int | None = None) -> TalanBlock:
-        """One block holding ``blocks``' weights stacked: its parameters have a leading
-        adapter dimension, and ``perturbation(..., route=...)`` runs each token through
-        its own adapter's weights. The blocks must share every config field but
-        ``n_themes`` and ``alpha`` (``stack_key``); slots beyond an adapter's own T are
-        padding, masked out of the assignment and the mixer's attention.
-
-        ``capacity`` (default: the blocks given) and ``n_themes`` (default: their largest
-        T) size the stack: ``put`` fills an entry in place, so a stack with room to spare
-        takes adapters later without new tensors (what a captured CUDA graph reads).
-        """
-        keys = {stack_key(block.config) for block in blocks}
-        if len(keys) != 1:
-            raise ValueError(f"blocks of different kinds cannot be stacked: {keys}")
-        themes = n_themes or max(block.config.n_themes for block in blocks)
-        stack = cls.empty_stack(blocks[0].config, capacity or len(blocks), themes)
-        stack.to(next(blocks[0].parameters()).device)
-        for position, block in enumerate(blocks):
-            stack.put(position, block)
-        return stack
-
-    @classmethod
-    def empty_stack(cls, config: TalanConfig, capacity: int,
-                    n_themes: int | None = None) -> TalanBlock:
-        """A stacked block (see ``stacked``) of ``capacity`` empty entries of ``config``'s
-        kind. An empty entry has zero weights and one live slot: it is finite, never NaN,
-        for the rows a dense step routes to it and then discards."""
-        themes = n_themes or config.n_themes
-        stack = cls(replace(config, n_themes=themes))
-        stack.requires_grad_(False)
-        for name, param in list(stack.named_parameters()):
-            module_name, _, leaf = name.rpartition(".")
-            module = stack.get_submodule(module_name) if module_name else stack
-            # fp32 whatever the default dtype an engine builds its model under.
-            setattr(module, leaf, nn.Parameter(
-                param.new_zeros(capacity, *param.shape, dtype=torch.float32),
-                requires_grad=False))
-        mask = torch.zeros(capacity, themes, dtype=torch.bool)
-        mask[:, 0] = True
-        stack.register_buffer("slot_mask", mask, persistent=False)
-        return stack
-
-    @torch.no_grad()
-    def put(self, position: int, block: TalanBlock) -> None:
-        """Copy ``block``'s weights into entry ``position`` of this stack, in place."""
-        if stack_key(block.config) != stack_key(self.config):
-            raise ValueError("a block of another kind cannot join this stack")
-        themes = self.config.n_themes
-        if block.config.n_themes > themes:
-            raise ValueError(f"a block of {block.config.n_themes} slots does not fit a "
-                             f"stack of {themes}")
-        for name, param in self.named_parameters():
-            param[position].copy_(_pad_slots(name, block.get_parameter(name).detach(), themes))
-        self.slot_mask[position] = torch.arange(themes, device=self.slot_mask.device) \
-            < block.config.n_themes

@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from talan_serve.adapters import AdapterSetSpec
+from talan_serve.adapter_spec import AdapterSetSpec
 from talan_serve.checkpoint import ADAPTER_FILES, WEIGHTS_NAME, TalanCheckpoint, load_checkpoint
 from talan_serve.config import CONFIG_NAME, TalanConfig
+from talan_serve.hosts import HOSTS, talan_architecture
 
-# Host architectures (HF class names) that have a TALAN twin in every engine plugin.
-TALAN_HOSTS = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 CONFIG_KEY = "talan"  # the TALAN section of a prepared folder's config.json
 # A base model prepared for many adapters, loaded at run time, has this section instead.
 ADAPTERS_KEY = "talan_adapters"
@@ -45,25 +44,12 @@ LORA_DIR = "lora"
 RECORD_NAME = "prepared.json"
 
 
-def talan_architecture(host_architecture: str) -> str:
-    return f"Talan{host_architecture}"
-
-
 def talan_weights_path(model_dir: str | Path) -> Path:
     return Path(model_dir) / SIDE_DIR / WEIGHTS_NAME
 
 
 def _section(hf_config: Any, key: str) -> Any:
     return hf_config.get(key) if isinstance(hf_config, Mapping) else getattr(hf_config, key, None)
-
-
-def talan_config_of(hf_config: Any) -> TalanConfig:
-    """The TALAN config of a prepared checkpoint folder, from its HF config (object or dict)."""
-    config = checkpoint_config_of(hf_config)
-    if config is None:
-        raise ValueError("talan-serve: this folder is a base model for TALAN adapters loaded "
-                         "at run time, not one checkpoint; only the vLLM engine serves it")
-    return config
 
 
 def checkpoint_config_of(hf_config: Any) -> TalanConfig | None:
@@ -88,7 +74,7 @@ def adapter_set_spec_of(hf_config: Any) -> AdapterSetSpec:
         raise ValueError(
             "talan-serve: this model's config.json has no 'talan' section; build the "
             "model folder with talan_serve.prepared.prepare_model_dir (one checkpoint) or "
-            "prepare_adapter_host (many)"
+            "prepare_adapter_base (many)"
         )
     return record if isinstance(record, AdapterSetSpec) else AdapterSetSpec.from_dict(record)
 
@@ -103,10 +89,10 @@ def talan_model_config(
     ``check_host``; the engine plugins check again when they build the model).
     """
     host = (host_record.get("architectures") or [None])[0]
-    if host not in TALAN_HOSTS:
+    if host not in HOSTS:
         raise ValueError(
             f"talan-serve: base architecture {host!r} has no TALAN twin; supported: "
-            f"{', '.join(TALAN_HOSTS)}"
+            f"{', '.join(HOSTS)}"
         )
     key = CONFIG_KEY if isinstance(config, TalanConfig) else ADAPTERS_KEY
     return {**host_record, "architectures": [talan_architecture(host)], key: config.to_dict()}
@@ -268,7 +254,7 @@ def prepare_cached(
     return PreparedModel.read(out)
 
 
-def prepare_adapter_host(
+def prepare_adapter_base(
     base_model_dir: str | Path, cache_dir: str | Path, spec: AdapterSetSpec
 ) -> Path:
     """A folder (under ``cache_dir``) that serves ``base_model_dir`` with room for TALAN

@@ -1,13 +1,13 @@
 """The per-request TALAN switch: one wire format for the front end and every engine.
 
 A request turns TALAN off with ``{"talan": {"enabled": false}}``: in the HTTP body, and
-in its engine's per-request arguments (vLLM: ``SamplingParams.extra_args``). In the
-engine arguments, ``{"talan": {"adapter": N}}`` also says which loaded TALAN adapter the
-request runs (``talan_serve.adapters``; default 0, a server's one checkpoint); the front
-end sets it from the request's ``model``. Everything
-that builds or reads that value goes through this module: the front end's backends build
-it, the engine plugins parse it per batch row, and the prefix-cache patch keys cached
-blocks by it. One parser, so no two places can disagree on what "off" means.
+in its engine's per-request arguments (vLLM: ``SamplingParams.extra_args``; SGLang:
+``custom_params``). In the engine arguments, ``{"talan": {"adapter": N}}`` also says which
+loaded adapter (its adapter id) the request runs (default 0, a one-checkpoint server's);
+the front end sets it from the request's ``model``. Everything that builds or reads that
+value goes through this module: the front end's backends build it, the engine plugins
+read it per batch row (``talan_serve.engine.requests``), and the prefix-cache keys are
+derived from it. One parser, so no two places can disagree on what "off" means.
 """
 
 from __future__ import annotations
@@ -44,21 +44,17 @@ def parse_switch(value: Any) -> bool:
     return enabled
 
 
-def parse_route(value: Any) -> int:
+def parse_adapter(value: Any) -> int:
     """The adapter id a request runs for its ``talan`` value; ``NO_ADAPTER`` when off."""
     if not parse_switch(value):
         return NO_ADAPTER
     return (value or {}).get("adapter", DEFAULT_ADAPTER)
 
 
-def enabled_in(extra_args: Mapping[str, Any] | None) -> bool:
-    """TALAN on/off for a request whose engine arguments are ``extra_args``."""
-    return parse_switch((extra_args or {}).get(KEY))
-
-
-def route_in(extra_args: Mapping[str, Any] | None) -> int:
-    """The adapter id a request whose engine arguments are ``extra_args`` runs (or none)."""
-    return parse_route((extra_args or {}).get(KEY))
+def adapter_in(engine_args: Mapping[str, Any] | None) -> int:
+    """The adapter id a request whose engine arguments are ``engine_args`` runs (or
+    ``NO_ADAPTER``); ``SwitchError`` if its ``talan`` value is malformed."""
+    return parse_adapter((engine_args or {}).get(KEY))
 
 
 def switch_args(enabled: bool, adapter: int | None = None) -> dict[str, Any]:

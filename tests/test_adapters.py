@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from talan_serve.adapters import (
-    NO_ADAPTER,
-    AdapterSetError,
-    AdapterSetSpec,
-    plan_groups,
-)
+from talan_serve.adapter_set import TalanAdapterSet
+from talan_serve.adapter_spec import AdapterSetError, AdapterSetSpec
 from talan_serve.block import TalanBlock
 from talan_serve.config import TalanConfig
+from talan_serve.stacks import stack_blocks
+from talan_serve.step_plan import plan_groups
+from talan_serve.switch import NO_ADAPTER
 from talan_serve.testing import randomize_gate
 
 D = 16
@@ -33,17 +32,17 @@ def _adapters(seed=0):
         randomize_gate(block, adapter)
         blocks[adapter] = block
     spec = AdapterSetSpec.covering([b.config for b in blocks.values()], D, max_adapters=4)
-    adapters = spec.build()
+    adapters = TalanAdapterSet(spec)
     for adapter, block in blocks.items():
         adapters.add(adapter, block.config, block.state_dict())
     return blocks, adapters
 
 
 def _run(adapters, point, hidden, lengths, rows, initial):
-    cu_host = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    cu_cpu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     one_token = all(n == 1 for n in lengths)
-    cu = None if one_token else torch.from_numpy(cu_host)
-    groups = plan_groups(np.array(rows, dtype=np.int64), None if one_token else cu_host, cu,
+    cu = None if one_token else torch.from_numpy(cu_cpu)
+    groups = plan_groups(np.array(rows, dtype=np.int64), None if one_token else cu_cpu, cu,
                          torch.device("cpu"), adapters.adapters_at(point))
     return adapters.perturbation(hidden, cu, initial, groups)
 
@@ -123,15 +122,15 @@ def test_stacked_block_runs_each_token_through_its_own_adapter():
         block = TalanBlock(config)
         randomize_gate(block, seed)
         blocks.append(block)
-    stack = TalanBlock.stacked(blocks)
-    route = torch.tensor([1, 0, 2, 1, 0])
+    stack = stack_blocks(blocks)
+    entries = torch.tensor([1, 0, 2, 1, 0])
     hidden = torch.randn(5, D)
     initial = torch.zeros(5, 5, D + 1)
     initial[..., :] = torch.rand(5, 5, D + 1)
-    for row, position in enumerate(route.tolist()):  # a stacked state: zero past its own T
+    for row, position in enumerate(entries.tolist()):  # a stacked state: zero past its own T
         initial[row, blocks[position].config.n_themes:] = 0.0
-    delta, state = stack.perturbation(hidden, None, initial, route=route)
-    for row, position in enumerate(route.tolist()):
+    delta, state = stack.perturbation(hidden, None, initial, entries=entries)
+    for row, position in enumerate(entries.tolist()):
         themes = blocks[position].config.n_themes
         want, want_state = blocks[position].perturbation(hidden[row:row + 1], None,
                                                          initial[row:row + 1, :themes])
@@ -149,14 +148,14 @@ def test_set_stacks_same_kind_adapters_for_one_token_steps(network_type):
                              network_type=network_type, integration_type="direct",
                              connection_point="layer_1", alpha=0.1 * adapter)
         blocks[adapter] = TalanBlock(config)
-    adapters = AdapterSetSpec.covering([b.config for b in blocks.values()], D,
-                                       max_adapters=4).build()
+    adapters = TalanAdapterSet(AdapterSetSpec.covering([b.config for b in blocks.values()], D,
+                                                       max_adapters=4))
     for adapter, block in blocks.items():
         adapters.add(adapter, block.config, block.state_dict())
     assert len(adapters.stacks) == 1
     rows = np.array([6, 4, NO_ADAPTER, 9, 6, 4], dtype=np.int64)
     groups = plan_groups(rows, None, None, torch.device("cpu"), [4, 6, 9], adapters.stack_of)
-    assert [g.route is not None for g in groups] == [True]
+    assert [g.entries is not None for g in groups] == [True]
     hidden = torch.randn(6, D)
     initial = torch.zeros(6, *adapters.state_shape)
     delta, final = adapters.perturbation(hidden, None, initial, groups)
@@ -182,27 +181,27 @@ def test_decoding_rows_of_a_packed_step_are_stacked():
                              connection_point="layer_1", alpha=0.3)
         blocks[adapter] = TalanBlock(config)
         randomize_gate(blocks[adapter], adapter)
-    adapters = AdapterSetSpec.covering([b.config for b in blocks.values()], D,
-                                       max_adapters=4).build()
+    adapters = TalanAdapterSet(AdapterSetSpec.covering([b.config for b in blocks.values()], D,
+                                                       max_adapters=4))
     for adapter, block in blocks.items():
         adapters.add(adapter, block.config, block.state_dict())
     rows, lengths = [4, 6, 6, NO_ADAPTER, 4, 7], [1, 1, 5, 2, 3, 1]
-    cu_host = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    groups = plan_groups(np.array(rows), cu_host, torch.from_numpy(cu_host),
+    cu_cpu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    groups = plan_groups(np.array(rows), cu_cpu, torch.from_numpy(cu_cpu),
                          torch.device("cpu"), [4, 6, 7], adapters.stack_of)
-    assert sorted(g.route is not None for g in groups) == [False, False, True]
+    assert sorted(g.entries is not None for g in groups) == [False, False, True]
     # Fewer than MIN_STACKED adapters present: one plain call each.
-    assert all(g.route is None for g in plan_groups(
-        np.array(rows[:5]), cu_host[:6], None, torch.device("cpu"), [4, 6, 7],
+    assert all(g.entries is None for g in plan_groups(
+        np.array(rows[:5]), cu_cpu[:6], None, torch.device("cpu"), [4, 6, 7],
         adapters.stack_of))
-    hidden = torch.randn(int(cu_host[-1]), D)
+    hidden = torch.randn(int(cu_cpu[-1]), D)
     initial = torch.rand(6, *adapters.state_shape)
     for row, adapter in enumerate(rows):  # a resumed state: zero past the adapter's own T
         if adapter != NO_ADAPTER:
             initial[row, blocks[adapter].config.n_themes:] = 0.0
-    delta, final = adapters.perturbation(hidden, torch.from_numpy(cu_host), initial, groups)
+    delta, final = adapters.perturbation(hidden, torch.from_numpy(cu_cpu), initial, groups)
     for row, adapter in enumerate(rows):
-        tokens = slice(int(cu_host[row]), int(cu_host[row + 1]))
+        tokens = slice(int(cu_cpu[row]), int(cu_cpu[row + 1]))
         if adapter == NO_ADAPTER:
             assert torch.equal(final[row], initial[row])
             continue
@@ -229,7 +228,7 @@ def _block(config, seed):
 @torch.no_grad()
 def test_a_captured_step_serves_adapters_loaded_after_the_capture():
     """The dense step traced once (``make_fx``: shapes, ops and the tensors it reads are
-    fixed, as in a CUDA graph; no host sync can trace) serves adapters loaded and unloaded
+    fixed, as in a CUDA graph; no device sync can trace) serves adapters loaded and unloaded
     afterwards, because loads fill the fixed-capacity stacks in place."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -237,7 +236,7 @@ def test_a_captured_step_serves_adapters_loaded_after_the_capture():
              2: _block(_kind("per_token_mix", 3, 0.5), 2)}
     spec = AdapterSetSpec.covering([b.config for b in start.values()], D, state_slots=4,
                                    max_adapters=3)
-    adapters = spec.build()
+    adapters = TalanAdapterSet(spec)
     for adapter, block in start.items():
         adapters.add(adapter, block.config, block.state_dict())
     hidden = torch.randn(6, D)

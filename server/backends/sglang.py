@@ -1,15 +1,17 @@
-"""SGLang (``sglang.Engine``) behind the ``Backend`` protocol.
+"""SGLang (``sglang.Engine``) behind the ``Backend`` protocol: its engine calls and policy.
 
 The front end hands over token ids; SGLang's tokenizer manager (in this process) and its
 scheduler and detokenizer (child processes) schedule, batch, detokenize and compute
 logprobs. This is the front end's one SGLang module, and it uses SGLang's engine API
 (``Engine``, its tokenizer manager's requests and aborts); the TALAN plugin inside SGLang
 is ``talan_serve.plugins.sglang``. Fields SGLang has no meaning for are refused here by
-name, as the ``Backend`` protocol asks.
+name, as the ``Backend`` protocol asks. The rest of the backend is the template
+(``server/backends/template.py``).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -18,69 +20,55 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from server.adapters import (
-    AdapterError,
-    AdapterHost,
-    RequestRoute,
-    ServesAdapters,
-    plan_adapter_host,
-)
+from server.adapters import AdapterError, RequestRoute
 from server.backends.base import (
-    BackendConfig,
     EngineDeadError,
     EngineInputError,
     GenerateOutput,
     GenerateRequest,
-    ModelInfo,
     PositionLogprobs,
     SamplingOptions,
     SequenceDelta,
     TokenLogprob,
-    adapter_mode,
-    held_back_text,
+)
+from server.backends.template import (
+    BackendConfig,
+    EngineBackend,
+    EngineFacts,
+    EngineLaunch,
+    FullText,
+    UsageError,
+    has_gpu,
 )
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
 
 LORA_NAME = "talan"
-# Slots of SGLang's state pool (one per running request, plus radix-cache snapshots):
+# Entries of SGLang's state pool (one per running request, plus radix-cache snapshots):
 # left to SGLang, the pool takes about half of the memory left after the weights.
-STATE_SLOTS_PER_REQUEST = 4
+POOL_ENTRIES_PER_REQUEST = 4
 
 
-def _on_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def engine_kwargs(config: BackendConfig, model_path: str, lora_dir: Path | None,
-                  lora_rank: int | None = None) -> dict:
-    """``sglang.Engine`` arguments for the engine-neutral settings. ``lora_dir``: one
-    checkpoint's LoRA; ``lora_rank``: a server of many adapters with LoRA support (LoRAs
-    loaded at run time, up to that rank)."""
-    if config.distributed_executor_backend not in (None, "mp"):
-        raise ValueError(f"--distributed-executor-backend {config.distributed_executor_backend} "
-                         "is vLLM's; the sglang engine starts its own processes "
-                         "(multi-node: SGLang's --nnodes/--node-rank, see its docs)")
-    cuda = _on_cuda()
-    max_running = config.max_num_seqs or (256 if cuda else 64)
+def engine_kwargs(config: BackendConfig, launch: EngineLaunch) -> dict:
+    """``sglang.Engine`` arguments for the engine-neutral settings and what to load."""
+    gpu = has_gpu()
+    max_running = config.max_num_seqs or (256 if gpu else 64)
     kwargs: dict[str, Any] = dict(
-        model_path=model_path,
+        model_path=str(launch.model_path),
         served_model_name=config.served_name,
-        dtype="float32" if config.dtype == "auto" and not cuda else config.dtype,
+        dtype=config.dtype,
         random_seed=config.seed,
         tp_size=config.tensor_parallel_size,
         pp_size=config.pipeline_parallel_size,
         dp_size=config.data_parallel_size,
         max_running_requests=max_running,
-        max_mamba_cache_size=max_running * STATE_SLOTS_PER_REQUEST,
+        max_mamba_cache_size=max_running * POOL_ENTRIES_PER_REQUEST,
         # Each streamed output carries only what is new (tokens, text, logprobs).
         incremental_streaming_output=True,
         log_level="warning",
     )
-    if not cuda:
+    if not gpu:
         kwargs.update(device="cpu", attention_backend="torch_native")
         # SGLang's CPU default reserves most of the memory for the KV cache.
         kwargs["max_total_tokens"] = (config.max_model_len or 4096) * 4
@@ -93,20 +81,20 @@ def engine_kwargs(config: BackendConfig, model_path: str, lora_dir: Path | None,
     if config.enforce_eager:
         kwargs["disable_cuda_graph"] = True
     if config.deterministic:
-        if cuda:
+        if gpu:
             kwargs["enable_deterministic_inference"] = True
         else:
             # No batch-invariant kernels on CPU: one sequence at a time, and no radix
             # cache (a cached prefix would change how the rest of the prompt is chunked).
             kwargs.update(max_running_requests=1, disable_radix_cache=True)
-    if lora_dir is not None:
-        kwargs.update(enable_lora=True, lora_paths=[f"{LORA_NAME}={lora_dir}"],
+    if launch.lora_dir is not None:  # one checkpoint's LoRA, per request
+        kwargs.update(enable_lora=True, lora_paths=[f"{LORA_NAME}={launch.lora_dir}"],
                       max_loras_per_batch=1)
-    elif lora_rank is not None:
+    elif launch.lora_rank is not None:  # room for the LoRAs of a server of many adapters
         # SGLang's LoRA buffers hold the base model's "no LoRA" as one more adapter.
-        kwargs.update(enable_lora=True, max_lora_rank=lora_rank, lora_target_modules=["all"],
-                      max_loras_per_batch=config.max_adapters + 1)
-    if kwargs.get("enable_lora") and not cuda:
+        kwargs.update(enable_lora=True, max_lora_rank=launch.lora_rank,
+                      lora_target_modules=["all"], max_loras_per_batch=config.max_adapters + 1)
+    if kwargs.get("enable_lora") and not gpu:
         kwargs["lora_backend"] = "torch_native"
     kwargs.update(config.extra_engine_args)
     return kwargs
@@ -179,54 +167,45 @@ def _logprobs(meta: dict, kind: str) -> list[PositionLogprobs | None] | None:
     return [_position(entries, entry) for entry, entries in zip(chosen, top, strict=True)]
 
 
-class SglangBackend(ServesAdapters):
+class SglangBackend(EngineBackend):
     """``Backend`` over SGLang's ``Engine`` (scheduler and detokenizer in child processes)."""
 
-    def __init__(self, config: BackendConfig) -> None:
-        if not _on_cuda():
+    engine = "sglang"
+    engine_module = "sglang"
+    setup_hint = ("set up its own environment with ./scripts/setup_sglang.sh, then run "
+                  ".venv-sglang/bin/talan-serve --engine sglang")
+
+    @classmethod
+    def configure(cls, args: argparse.Namespace) -> None:
+        super().configure(args)
+        if args.distributed_executor_backend not in (None, "mp"):
+            raise UsageError(f"--distributed-executor-backend "
+                             f"{args.distributed_executor_backend} is vLLM's; the sglang "
+                             "engine starts its own processes (multi-node: SGLang's "
+                             "--nnodes/--node-rank, see its docs)")
+        if (args.adapters or args.talan_connection_points) and args.pipeline_parallel_size > 1:
+            # SGLang keeps each request's one state under one decoder layer's id, which a
+            # single pipeline stage holds; adapters at several points would span stages.
+            raise UsageError("--adapters with --engine sglang and --pipeline-parallel-size: "
+                             "serve many adapters on one pipeline stage (tensor "
+                             "parallelism is fine), or use --engine vllm")
+
+    def lora_handle(self, lora_dir: Path) -> Any:
+        return LORA_NAME  # a request names its LoRA
+
+    def start_engine(self, launch: EngineLaunch) -> EngineFacts:
+        if not has_gpu():
             os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         import sglang
-        from transformers import AutoTokenizer
 
-        self.config = config
-        lora_rank = None
-        if config.many_adapters:
-            self._prepared = None
-            model_path, lora_rank = self._prepare_adapter_host(config)
-        else:
-            self._prepared = config.prepare()
-            model_path = str(self._prepared.path) if self._prepared else config.model_dir
-        lora_dir = self._prepared.lora_dir if self._prepared else None
-        self.checkpoint_lora = LORA_NAME if lora_dir is not None else None
-        self._engine = sglang.Engine(**engine_kwargs(config, model_path, lora_dir, lora_rank))
+        self._engine = sglang.Engine(**engine_kwargs(self.config, launch))
         self._manager = self._engine.tokenizer_manager
-        model_config = self._manager.model_config
-        self.info = ModelInfo(
-            name=config.served_name,
-            max_model_len=model_config.context_len,
-            tokenizer=AutoTokenizer.from_pretrained(Path(config.model_dir)),
-            vocab_size=model_config.vocab_size,
-            talan=self._prepared is not None and self._prepared.has_talan,
-            dtype=str(model_config.dtype).removeprefix("torch."),
-            adapter=adapter_mode(self._prepared),
-            engine="sglang",
-            engine_version=sglang.__version__,
-        )
         self._dead: str | None = None
-
-    def _prepare_adapter_host(self, config: BackendConfig) -> tuple[str, int | None]:
-        """The base folder sized for the adapters given at start (and the ones asked for),
-        and the LoRA rank the engine reserves (None: no LoRA support)."""
-        from talan_serve.base_models import cache_root
-        from talan_serve.prepared import prepare_adapter_host
-
-        # Decode CUDA graphs (CUDA, not eager) hold the adapter kinds built at start.
-        plan = plan_adapter_host(config, kinds_fixed=_on_cuda() and not config.enforce_eager)
-        self.adapter_host = AdapterHost(plan.registry, _SglangAdapters(self),
-                                        config.served_name)
-        folder = prepare_adapter_host(config.model_dir, cache_root() / "prepared", plan.spec)
-        return str(folder), plan.lora_rank
-
+        model_config = self._manager.model_config
+        return EngineFacts(max_model_len=model_config.context_len,
+                           vocab_size=model_config.vocab_size,
+                           dtype=str(model_config.dtype).removeprefix("torch."),
+                           version=sglang.__version__)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         options = request.sampling
@@ -296,8 +275,7 @@ class SglangBackend(ServesAdapters):
             return_text_in_logprobs=True,
             lora_path=route.lora, cache_salt=request.cache_salt,
         )
-        ids: list[int] = []
-        text: list[str] = []
+        text = FullText(self.info.tokenizer, options)
         first = True
         try:
             async for out in self._manager.generate_request(obj, None):
@@ -310,10 +288,7 @@ class SglangBackend(ServesAdapters):
                     else None,
                     finish_reason=reason,
                 )
-                ids += delta_ids
-                text.append(delta.text)
-                if reason == "length":
-                    delta.text += held_back_text(self.info.tokenizer, ids, "".join(text), options)
+                text.add(delta)
                 prompt = None
                 if first and options.prompt_logprobs is not None:
                     prompt = _logprobs(meta, "input")
@@ -346,19 +321,13 @@ class SglangBackend(ServesAdapters):
     async def shutdown(self) -> None:
         self._engine.shutdown()
 
-
-class _SglangAdapters:
-    """``AdapterEngine`` for SGLang: TALAN blocks through the schedulers' RPC methods
-    (``talan_serve.plugins.sglang.rpc``), LoRAs through SGLang's dynamic LoRA loading (a
-    request names its LoRA)."""
-
-    def __init__(self, backend: SglangBackend):
-        self._backend = backend
+    # --- AdapterEngine: TALAN blocks through the schedulers' RPC methods
+    # (talan_serve.plugins.sglang.rpc), LoRAs through SGLang's dynamic LoRA loading -------
 
     async def _rpc(self, method: str, **kwargs: Any) -> None:
         try:
             # A blocking round trip to every scheduler (SGLang's engine API).
-            await asyncio.to_thread(self._backend._engine.collective_rpc, method, **kwargs)
+            await asyncio.to_thread(self._engine.collective_rpc, method, **kwargs)
         except AssertionError as error:  # SGLang reports a failed call this way
             raise AdapterError(str(error) or f"{method} failed in the engine") from error
 
@@ -371,7 +340,7 @@ class _SglangAdapters:
     async def load_lora(self, name: str, adapter_id: int, lora_dir: Path) -> Any:
         from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput
 
-        result = await self._backend._manager.load_lora_adapter(
+        result = await self._manager.load_lora_adapter(
             LoadLoRAAdapterReqInput(lora_name=name, lora_path=str(lora_dir)), None)
         if not result.success:
             raise AdapterError(f"adapter {name!r}: SGLang refused its LoRA: "
@@ -381,7 +350,7 @@ class _SglangAdapters:
     async def unload_lora(self, adapter_id: int, handle: Any) -> None:
         from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput
 
-        result = await self._backend._manager.unload_lora_adapter(
+        result = await self._manager.unload_lora_adapter(
             UnloadLoRAAdapterReqInput(lora_name=handle), None)
         if not result.success:
             raise AdapterError(f"SGLang did not unload LoRA {handle!r}: "

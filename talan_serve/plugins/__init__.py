@@ -1,10 +1,11 @@
-"""TALAN inside serving engines: one plugin package per engine.
+"""TALAN inside serving engines: one plugin package per engine, holding only its glue.
 
-A plugin runs inside its engine's processes. It adapts the engine's batch metadata to
-the one ``TalanBlock`` (never re-deriving its math), keeps each request's state
-(``TalanConfig.state_shape``, ``block.STATE_DTYPE``) in the engine's state cache, reads
-the per-request switch with ``talan_serve.switch``, and loads the folders that
-``talan_serve.prepared`` writes. What every plugin must refuse is written here, once.
+A plugin runs inside its engine's processes. It hands the engine's batch metadata to the
+engine-neutral side path (``talan_serve.engine``: the step, the layer swap, the model
+mixin, run-time loading, what a request runs), keeps each request's state
+(``AdapterSetSpec.state_shape``, ``block.STATE_DTYPE``) in the engine's state cache, and
+loads the folders that ``talan_serve.prepared`` writes. What every plugin must refuse is
+written here, once.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ line has it (``--shm-size=1g``, the repository's checkpoints as the /checkpoints
 ``/health`` 200, a chat completion with content, the same request with TALAN off, then
 ``docker stop`` exits 0 (talan-serve drains on SIGTERM) well before docker's SIGKILL.
 
-The daemon, the local stand-in for ``python:3.11-slim-bookworm`` and the host's package
-index come from ``docker/dockerhost.py``; dockerd is stopped again by PID if this test
-started it. Skipped, with the reason, where docker cannot run (not root, no apt-get,
-dockerd refused to start, no Debian mirror for the stand-in).
+The daemon, the local stand-in for ``python:3.11-slim-bookworm`` and the machine's
+package index come from ``tests/docker/dockerhost.py`` (test-only); dockerd is stopped
+again by PID if this test started it. Skipped, with the reason, where docker cannot run
+(not root, no apt-get, dockerd refused to start, no Debian mirror for the stand-in).
 Timings go to bench/results/docker_cpu_image.json. The image is removed afterwards and
 dangling layers pruned; TALAN_DOCKER_KEEP_IMAGE=1 keeps it (a rebuild then reuses its
 layers).
@@ -16,7 +16,6 @@ layers).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -37,15 +36,6 @@ TAG = "talan-serve-cpu:test"
 CONTAINER = "talan-serve-cpu-test"
 HEALTHY_WITHIN_S = 600  # 229 s measured on a busy 2-core host
 STOP_TIMEOUT_S = 30  # docker stop's grace period before SIGKILL
-
-
-def _dockerhost():
-    spec = importlib.util.spec_from_file_location("talan_dockerhost",
-                                                  REPO / "docker" / "dockerhost.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _http(url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict | str]:
@@ -70,7 +60,8 @@ def _torch_pin() -> str:
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="docker daemon: Linux hosts only")
 def test_cpu_image_builds_serves_and_stops(tmp_path):
-    dh = _dockerhost()
+    from tests.docker import dockerhost as dh
+
     record: dict = {"image": TAG, "commit": dh.head_commit(), "cpus": os.cpu_count()}
     try:
         daemon = dh.start_daemon(tmp_path / "dockerd")

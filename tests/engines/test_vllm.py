@@ -205,14 +205,14 @@ def test_fresh_request_joins_a_decode_step(qwen3, monkeypatch):
 
     llm, prepared, reference = qwen3
     steps = []
-    build = state_backend.TalanStateMetadataBuilder._build
+    build = state_backend.VllmStateMetadataBuilder._build
 
     def spy(self, m, capture):
         metadata = build(self, m, capture)
         steps.append((m.max_query_len, metadata.resume is None))
         return metadata
 
-    monkeypatch.setattr(state_backend.TalanStateMetadataBuilder, "_build", spy)
+    monkeypatch.setattr(state_backend.VllmStateMetadataBuilder, "_build", spy)
     requests = [Request(p) for p in random_prompts([6, 1], 500, seed=6)]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
     engine = llm.llm_engine
@@ -325,7 +325,7 @@ def test_preemption(tiny_model, tmp_path, monkeypatch):
 def test_compiled_engine(tiny_model, tmp_path):
     """vLLM's default CPU mode: the model compiled by dynamo + inductor, one graph that
     calls the side-path op (GPUs split graphs there instead; bench/gpu_check.py)."""
-    from talan_serve.plugins.vllm.state_backend import TalanStateMetadataBuilder
+    from talan_serve.plugins.vllm.state_backend import VllmStateMetadataBuilder
 
     prepared, reference = build(tiny_model("qwen3"), tmp_path, merge_lora=True)
     prompts = random_prompts([2, 30, 100, 7], 500, seed=8)
@@ -339,7 +339,7 @@ def test_compiled_engine(tiny_model, tmp_path):
     assert_parity(reference, requests, outputs)
     assert_parity(reference, [requests[1], requests[3]], off_only)
     # TALAN needs no decode-first batch reordering (vLLM's mamba builders ask for it).
-    assert TalanStateMetadataBuilder.reorder_batch_threshold is None
+    assert VllmStateMetadataBuilder.reorder_batch_threshold is None
 
 
 def test_smollm2(tmp_path):

@@ -53,9 +53,9 @@ def _vllm_env(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
-    from talan_serve.adapters import AdapterSetSpec
+    from talan_serve.adapter_spec import AdapterSetSpec
     from talan_serve.checkpoint import load_checkpoint
-    from talan_serve.prepared import prepare_adapter_host
+    from talan_serve.prepared import prepare_adapter_base
     from talan_serve.reference import load_reference
     from talan_serve.testing import build_tiny_checkpoint
 
@@ -69,7 +69,7 @@ def served(tiny_model, tmp_path_factory):
                                    max_adapters=8)
     assert spec.state_slots == 4 and len(spec.connection_points) == 3
     assert len(spec.kinds) == 3  # adapters 1, 4 and 5 share a kind: one stack of room 8
-    folder = prepare_adapter_host(model, root / "prepared", spec)
+    folder = prepare_adapter_base(model, root / "prepared", spec)
     references = {adapter: load_reference(model, talan=c.path)[0]
                   for adapter, c in checkpoints.items()}
     from transformers import AutoModelForCausalLM
@@ -131,18 +131,18 @@ def mixed_requests(seed: int) -> list[Request]:
 
 def test_mixed_adapters_base_and_off_in_one_batch(served, monkeypatch):
     """150- and 90-token prompts are prefilled in 64-token chunks beside the others."""
-    from talan_serve import adapters
+    from talan_serve import step_plan
 
     llm, checkpoints, references = served
     stacked = []
-    plan = adapters._stacked_groups
+    plan = step_plan._stacked_groups
 
     def spy(*args):
         groups = plan(*args)
-        stacked.extend(group.route.unique().numel() for group in groups)
+        stacked.extend(group.entries.unique().numel() for group in groups)
         return groups
 
-    monkeypatch.setattr(adapters, "_stacked_groups", spy)
+    monkeypatch.setattr(step_plan, "_stacked_groups", spy)
     requests = mixed_requests(seed=11)
     outputs = generate(llm, checkpoints, requests)
     assert_parity(references, requests, outputs)

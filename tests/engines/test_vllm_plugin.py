@@ -15,21 +15,21 @@ def test_vllm_surface():
     """Fails loudly when a vLLM upgrade moves a name the plugin uses (see _compat.py)."""
     from vllm.config import CompilationConfig
 
+    from talan_serve.hosts import HOSTS
     from talan_serve.plugins.vllm import _compat
-    from talan_serve.prepared import TALAN_HOSTS
 
     assert _compat.VLLM_VERSION in _compat.TARGET_VLLM_VERSIONS
     assert isinstance(CompilationConfig._attention_ops, list)
     assert "vllm::short_conv" in CompilationConfig._attention_ops
     assert {m.name for m in _compat.MoveDirectionality} >= {"SWAP", "UNIDIRECTIONAL"}
-    assert set(_compat.HOST_MODULES) == set(TALAN_HOSTS)
+    assert set(_compat.HOST_MODULES) == set(HOSTS)  # derived from the one table
     for host, module in _compat.HOST_MODULES.items():
         assert hasattr(__import__(module, fromlist=[host]), host)
     # One rank table, vLLM's own; rank 1 included (it was missing from a copy once).
-    assert _compat.LORA_RANK_SLOTS[:3] == (1, 8, 16)
-    assert [_compat.lora_rank_slot(r) for r in (1, 2, 8, 9, 512)] == [1, 8, 8, 16, 512]
+    assert _compat.LORA_RANKS[:3] == (1, 8, 16)
+    assert [_compat.lora_rank_for(r) for r in (1, 2, 8, 9, 512)] == [1, 8, 8, 16, 512]
     with pytest.raises(ValueError, match="above vLLM's largest"):
-        _compat.lora_rank_slot(513)
+        _compat.lora_rank_for(513)
 
 
 def test_entry_points_register_every_host_and_the_patches():
@@ -37,13 +37,12 @@ def test_entry_points_register_every_host_and_the_patches():
 
     from vllm import ModelRegistry
 
-    from talan_serve.plugins.vllm import _compat
-    from talan_serve.prepared import talan_architecture
+    from talan_serve.hosts import TALAN_ARCHITECTURES
 
     plugins = {e.name: e for e in entry_points(group="vllm.general_plugins")}
     plugins["talan"].load()()
     archs = set(ModelRegistry.get_supported_archs())
-    assert {talan_architecture(h) for h in _compat.HOST_MODULES} <= archs
+    assert set(TALAN_ARCHITECTURES) <= archs
     assert plugins["talan_patches"].load()() == [
         "vllm_talan_prefix_cache_key", "vllm_cpu_lora_mixed_batch", "vllm_cpu_pp_eager"]
 
@@ -62,8 +61,8 @@ SWITCH_TABLE = [
 
 @pytest.mark.parametrize(("value", "expected"), SWITCH_TABLE)
 def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
-    """Server (HTTP field -> SamplingOptions -> SamplingParams), plugin (TalanSwitch at
-    admission and per batch row) and the prefix-cache key agree on every value."""
+    """Server (HTTP field -> SamplingOptions -> SamplingParams), plugin (RowAdapterTracker
+    at admission and per batch row) and the prefix-cache key agree on every value."""
     from types import SimpleNamespace
 
     from vllm import SamplingParams
@@ -75,7 +74,7 @@ def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
     from server.http import parse
     from server.sampling import sampling_options
     from server.schemas import CompletionRequest
-    from talan_serve.plugins.vllm.switch import TalanSwitch, request_route
+    from talan_serve.plugins.vllm.rows import RowAdapterTracker, row_adapter
     from talan_serve.switch import DEFAULT_ADAPTER, SwitchError
 
     def answer(call):
@@ -91,8 +90,8 @@ def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
     direct = SamplingParams(extra_args=None if value is MISSING else {"talan": value})
 
     def plugin():
-        TalanSwitch.validate_params(direct)  # admission
-        return request_route(direct) == DEFAULT_ADAPTER  # per batch row
+        RowAdapterTracker.validate_params(direct)  # admission
+        return row_adapter(direct) == DEFAULT_ADAPTER  # per batch row
 
     def cache_key():
         return talan_cache_keys(SimpleNamespace(sampling_params=direct)) != [OFF_KEY]
@@ -104,19 +103,19 @@ def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
     assert server.talan_enabled is expected
     # What the server hands vLLM reads back the same on the engine side.
     built = sampling_params(server)
-    assert (request_route(built) == DEFAULT_ADAPTER) is expected
+    assert (row_adapter(built) == DEFAULT_ADAPTER) is expected
     assert (talan_cache_keys(SimpleNamespace(sampling_params=built)) == [OFF_KEY]) is not expected
 
 
-@pytest.mark.parametrize(("value", "route", "keys"), [
-    ({"adapter": 3}, 3, [("talan", "adapter", "3")]),
+@pytest.mark.parametrize(("value", "adapter", "keys"), [
+    ({"adapter": 3}, 3, [("talan", "adapter=3", "")]),
     ({"enabled": True, "adapter": 0}, 0, []),
     ({"enabled": False, "adapter": 3}, -1, [("talan", "off", "")]),
     ({"adapter": -1}, "refused", "refused"),
     ({"adapter": True}, "refused", "refused"),
     ({"adapter": "3"}, "refused", "refused"),
 ])
-def test_adapter_routes_on_the_engine_side_only(value, route, keys):
+def test_adapter_ids_on_the_engine_side_only(value, adapter, keys):
     """Which adapter a row runs: read by the plugin and keyed by the prefix cache; over HTTP
     the ``model`` field chooses it, so the body's ``talan.adapter`` is refused by name."""
     from types import SimpleNamespace
@@ -127,7 +126,7 @@ def test_adapter_routes_on_the_engine_side_only(value, route, keys):
     from server.errors import APIError
     from server.http import parse
     from server.schemas import CompletionRequest
-    from talan_serve.plugins.vllm.switch import request_route
+    from talan_serve.plugins.vllm.rows import row_adapter
     from talan_serve.switch import SwitchError
 
     params = SamplingParams(extra_args={"talan": value})
@@ -138,7 +137,7 @@ def test_adapter_routes_on_the_engine_side_only(value, route, keys):
         except SwitchError:
             return "refused"
 
-    assert answer(lambda: request_route(params)) == route
+    assert answer(lambda: row_adapter(params)) == adapter
     assert answer(lambda: talan_cache_keys(SimpleNamespace(sampling_params=params))) == keys
     with pytest.raises(APIError) as error:
         parse(CompletionRequest, {"prompt": "a", "talan": value})

@@ -69,12 +69,12 @@ def test_default_commands():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-host default")
 def test_cpu_hosts_serve_eager_unless_told_otherwise(monkeypatch):
-    from server.cli import _cpu_defaults
+    from server.backends.vllm import VllmBackend
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     for argv, eager in (([], True), (["--enforce-eager"], True), (["--no-enforce-eager"], False)):
         args = build_parser().parse_args(docker_run_argv("Dockerfile.cpu", *argv))
-        _cpu_defaults(args)
+        VllmBackend.configure(args)
         assert args.enforce_eager is eager, argv
 
 
@@ -146,10 +146,10 @@ def test_cpu_image_installs_the_cpu_extras_torch_first():
 
 def test_documented_docker_run_lines_give_shared_memory():
     """vLLM's workers need more /dev/shm than docker's 64 MiB default."""
-    texts = [(REPO / "README.md").read_text()]
+    texts = [(REPO / "README.md").read_text(), (REPO / "docs" / "deploy.md").read_text()]
     texts += [(REPO / "docker" / name).read_text() for name in DOCKERFILES]
     runs = [line for text in texts for line in text.splitlines()
             if re.match(r"^[#\s]*docker run ", line)]
-    assert len(runs) >= 4, runs
+    assert len(runs) >= 6, runs
     for line in runs:
         assert "--shm-size=" in line or "--ipc=host" in line, line

@@ -8,27 +8,16 @@ test-only plugin (probes, a fault for negative controls, ``pin_memory`` off for 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.harness_env import harness_env
+
 pytest.importorskip("sglang", reason="the SGLang tests run in the SGLang venv "
                                      "(./scripts/test.sh runs them there)")
-
-REPO = Path(__file__).resolve().parents[2]
-HARNESS = REPO / "tests" / "sglang_harness"
-
-
-def harness_env(**extra: str) -> dict[str, str]:
-    """This environment, offline, with the CPU test harness first on the path."""
-    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(HARNESS), str(REPO), os.environ.get("PYTHONPATH")]))
-    return env
 
 
 def run_engine(model: Path, phases: list, workdir: Path, engine: dict | None = None,

@@ -24,7 +24,7 @@ def main(job_path: str) -> None:
     job = json.loads(open(job_path).read())
     import sglang
 
-    from talan_serve.plugins.sglang.switch import hooks_applied
+    from talan_serve.plugins.sglang.rows import hooks_applied
     from talan_serve.switch import switch_args
 
     started = time.time()

@@ -80,7 +80,7 @@ def probe_violations(records: list[dict]) -> tuple[list, dict]:
     """Every TALAN-on request's running mass equals the tokens it absorbed after each
     step (its cached prefix, each chunk, +1 per decode step); TALAN-off stays 0."""
     steps: dict[str, list] = {}
-    slots: dict[int, set] = {}
+    entries: dict[int, set] = {}
     for record in records:
         for row, rid in enumerate(record["rids"]):
             decode = record["mode"] == "DECODE"
@@ -89,7 +89,7 @@ def probe_violations(records: list[dict]) -> tuple[list, dict]:
                 None if decode else record["extend_prefix_lens"][row],
                 record["mass_before"][row], record["mass_after"][row],
                 record["enabled"][row]))
-            slots.setdefault(record["slots"][row], set()).add(rid)
+            entries.setdefault(record["entries"][row], set()).add(rid)
     bad = []
     for rid, history in steps.items():
         on, absorbed = history[0][4], None
@@ -106,5 +106,6 @@ def probe_violations(records: list[dict]) -> tuple[list, dict]:
                     bad.append((rid, "mass", before, after, "absorbed", absorbed, "+", new))
                 absorbed += new
     stats = {"requests": len(steps), "steps": sum(len(h) for h in steps.values()),
-             "slots": len(slots), "reused_slots": sum(len(r) > 1 for r in slots.values())}
+             "entries": len(entries),
+             "reused_entries": sum(len(r) > 1 for r in entries.values())}
     return bad, stats

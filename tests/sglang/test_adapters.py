@@ -42,9 +42,9 @@ AT_START = (1, 2, 3, 4, 5)
 def served(tiny_model, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from talan_serve.adapters import AdapterSetSpec
+    from talan_serve.adapter_spec import AdapterSetSpec
     from talan_serve.checkpoint import load_checkpoint
-    from talan_serve.prepared import prepare_adapter_host
+    from talan_serve.prepared import prepare_adapter_base
     from talan_serve.reference import load_reference
     from talan_serve.testing import build_tiny_checkpoint
 
@@ -61,7 +61,7 @@ def served(tiny_model, tmp_path_factory):
     hidden = json.loads((Path(model) / "config.json").read_text())["hidden_size"]
     spec = AdapterSetSpec.covering([checkpoints[a].config for a in AT_START], hidden,
                                    max_adapters=8)
-    folder = prepare_adapter_host(model, root / "prepared", spec)
+    folder = prepare_adapter_base(model, root / "prepared", spec)
 
     def entry(adapter: int) -> dict:
         checkpoint = checkpoints[adapter]

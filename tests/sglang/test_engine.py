@@ -2,7 +2,7 @@
 
 Every served token id equals the reference's greedy choice and every served logprob is
 within 1e-4 of the reference full-sequence forward (docs/design.md, "Properties"), under
-batching, chunked prefill, state slots reused by later requests, radix-cache hits, and
+batching, chunked prefill, pool entries reused by later requests, radix-cache hits, and
 TALAN-on and -off requests in one batch; a probe reads each request's running mass after
 every step (TALAN acted on every token). A negative control shows the checks see a
 dropped state.
@@ -42,7 +42,7 @@ def main_phases() -> tuple[list[list[Request]], dict[str, Request]]:
     tails = prompts([30, 40], VOCAB, 4)
     phases = [
         batch,  # prompts of 1..300 tokens in one batch, chunked at 32
-        mixed,  # later requests take freed state slots; TALAN on and off in one batch
+        mixed,  # later requests take freed pool entries; TALAN on and off in one batch
         [Request("shared_a", shared)],  # alone: its chunk-end states go to the radix cache
         [Request("shared_b", shared[:100] + tails[0]),  # hits at a chunk-end state
          Request("shared_c", shared[:100] + tails[1])],
@@ -60,7 +60,7 @@ def serve_and_check(prepared, reference, phases, workdir, engine, adapter=True, 
     return requests, served
 
 
-def test_batching_chunks_slots_radix_and_switch(tiny_model, tmp_path):
+def test_batching_chunks_entries_radix_and_switch(tiny_model, tmp_path):
     prepared, reference = prepare(tiny_model, tmp_path)
     phases, named = main_phases()
     # A follow-up turn: a served prompt + its answer + more, hitting the finished state
@@ -82,7 +82,7 @@ def test_batching_chunks_slots_radix_and_switch(tiny_model, tmp_path):
     assert cached["shared_a_off"] == 0  # TALAN-off requests have a cache of their own
     bad, stats = probe_violations(served["probe"])
     assert not bad, bad[:5]
-    assert stats["reused_slots"] > 0  # 8 state slots for 17 requests: slots were reused
+    assert stats["reused_entries"] > 0  # 8 pool entries for 17 requests: entries reused
 
 
 def test_negative_control_sees_a_dropped_state(tiny_model, tmp_path):

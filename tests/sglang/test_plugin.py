@@ -11,13 +11,13 @@ import pytest
 
 def test_sglang_surface():
     """Fails loudly when an SGLang upgrade moves a name the plugin uses (_compat.py)."""
+    from talan_serve.hosts import HOSTS
     from talan_serve.plugins.sglang import _compat
-    from talan_serve.prepared import TALAN_HOSTS
 
     assert _compat.sglang_version() in _compat.TARGET_SGLANG_VERSIONS
     for key in _compat.SYMBOLS:
         assert _compat.resolve(key) is not None, key
-    assert set(_compat.HOST_MODULES) == set(TALAN_HOSTS)
+    assert set(_compat.HOST_MODULES) == set(HOSTS)  # derived from the one table
     for host, module in _compat.HOST_MODULES.items():
         assert hasattr(__import__(module, fromlist=[host]), host)
 
@@ -27,8 +27,9 @@ def test_entry_point_registers_the_plugin_and_its_hooks():
 
     from sglang.srt.plugins import load_plugins
 
+    from talan_serve.hosts import TALAN_ARCHITECTURES
     from talan_serve.plugins.sglang import _compat
-    from talan_serve.plugins.sglang.switch import hooks_applied
+    from talan_serve.plugins.sglang.rows import hooks_applied
 
     plugins = {e.name: e.value for e in entry_points(group="sglang.srt.plugins")}
     assert plugins["talan"] == "talan_serve.plugins.sglang:register"
@@ -38,10 +39,10 @@ def test_entry_point_registers_the_plugin_and_its_hooks():
     assert hasattr(_compat.resolve("check_server_args"), "__wrapped__")
     specs = _compat.resolve("linear_attn_specs")
     (spec,) = [s for s in specs if s.backend_class_name == _compat.STATE_BACKEND_CLASS]
-    assert set(spec.arch_names) == set(_compat.TALAN_ARCHITECTURES)
+    assert set(spec.arch_names) == set(TALAN_ARCHITECTURES)
     from talan_serve.plugins.sglang.models import talan
 
-    assert [c.__name__ for c in talan.EntryClass] == _compat.TALAN_ARCHITECTURES
+    assert tuple(c.__name__ for c in talan.EntryClass) == TALAN_ARCHITECTURES
 
 
 def test_state_declared_to_the_pool(tiny_model, tmp_path):
@@ -65,11 +66,11 @@ def test_state_declared_to_the_pool(tiny_model, tmp_path):
     assert not is_talan_config(AutoConfig.from_pretrained(host))  # the plain host
 
     # A base for many adapters: one state per request, under the first point's layer.
-    from talan_serve.adapters import AdapterSetSpec
-    from talan_serve.prepared import prepare_adapter_host
+    from talan_serve.adapter_spec import AdapterSetSpec
+    from talan_serve.prepared import prepare_adapter_base
 
     spec = AdapterSetSpec(128, 6, ("layer_1", "embedding"), max_adapters=4)
-    many = AutoConfig.from_pretrained(prepare_adapter_host(host, tmp_path / "many", spec))
+    many = AutoConfig.from_pretrained(prepare_adapter_base(host, tmp_path / "many", spec))
     assert is_talan_config(many)
     assert many.mamba2_cache_params.shape.conv[0] == (6, 129)
     assert many.mamba2_cache_params.layers == [1]
@@ -110,8 +111,11 @@ def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
     from server.http import parse
     from server.sampling import sampling_options
     from server.schemas import CompletionRequest
-    from talan_serve.plugins.sglang.switch import OFF_MARKER, _after_req_init, request_enabled
-    from talan_serve.switch import SwitchError
+    from talan_serve.plugins.sglang.rows import OFF_MARKER, _after_req_init, row_adapter
+    from talan_serve.switch import NO_ADAPTER, SwitchError
+
+    def request_enabled(params):
+        return row_adapter(params) != NO_ADAPTER
 
     def answer(call):
         try:

@@ -8,23 +8,19 @@ one fails there first, not deep inside a forward.
 from __future__ import annotations
 
 import logging
-import os
-import sys
+from collections.abc import Callable
 
-from talan_serve.prepared import talan_architecture
+from talan_serve.hosts import host_modules
 
 logger = logging.getLogger(__name__)
 
 TARGET_SGLANG_VERSIONS = ("0.5.23",)
 
-# SGLang's module of each host architecture that has a TALAN twin (talan_serve.prepared).
-HOST_MODULES = {
-    "Qwen3ForCausalLM": "sglang.srt.models.qwen3",
-    "Qwen3MoeForCausalLM": "sglang.srt.models.qwen3_moe",
-    "Qwen2ForCausalLM": "sglang.srt.models.qwen2",
-    "LlamaForCausalLM": "sglang.srt.models.llama",
-}
-TALAN_ARCHITECTURES = [talan_architecture(host) for host in HOST_MODULES]
+# SGLang's module of each host architecture (talan_serve.hosts).
+HOST_MODULES = host_modules("sglang.srt.models")
+
+# Where a request's per-request arguments (the switch) sit in SGLang's sampling params.
+ARGS_FIELD = "custom_params"
 
 # Dotted names used by the plugin (resolved one by one in the guard test).
 _LINEAR = "sglang.srt.configs.linear_attn_model_registry"
@@ -44,9 +40,10 @@ SYMBOLS = {
     "residual_set_written": "sglang.srt.layers.layer_boundary.residual.batch.set_written",
     "model_registry": "sglang.srt.models.registry.ModelRegistry",
     "hook_registry": "sglang.srt.plugins.hook_registry.HookRegistry",
+    "hook_type": "sglang.srt.plugins.hook_registry.HookType",
     "runtime_flags": "sglang.srt.runtime_context.get_flags",
     "runtime_model": "sglang.srt.runtime_context.get_model",
-    # hook targets (switch.py, guards.py)
+    # hook targets (rows.py, guards.py, rpc.py)
     "sampling_verify": "sglang.srt.sampling.sampling_params.SamplingParams.verify",
     "req_init": "sglang.srt.managers.schedule_batch.Req.__init__",
     "forward_batch_init_new": "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
@@ -56,7 +53,7 @@ SYMBOLS = {
 HOOK_TARGETS = ("sampling_verify", "req_init", "forward_batch_init_new", "check_server_args",
                 "scheduler_rpc")
 
-STATE_BACKEND_CLASS = "talan_serve.plugins.sglang.state_backend.TalanStateBackend"
+STATE_BACKEND_CLASS = "talan_serve.plugins.sglang.state_backend.SglangStateBackend"
 HYBRID_BACKEND_CLASS = SYMBOLS["short_conv_hybrid_backend"]
 EXTERNAL_MODEL_PACKAGE = "talan_serve.plugins.sglang.models"
 EXTERNAL_MODEL_ENV = "SGLANG_EXTERNAL_MODEL_PACKAGE"
@@ -86,20 +83,7 @@ def check_version() -> None:
                        ", ".join(TARGET_SGLANG_VERSIONS), found)
 
 
-def register_models() -> None:
-    """Make SGLang resolve the ``Talan<Host>`` architectures.
-
-    Through SGLang's external model package (which also spares importing every in-tree
-    model) when the registry is not imported yet; else straight into its registry.
-    """
-    if os.environ.get(EXTERNAL_MODEL_ENV) == EXTERNAL_MODEL_PACKAGE:
-        return
-    if "sglang.srt.models.registry" not in sys.modules and not os.environ.get(
-            EXTERNAL_MODEL_ENV):
-        os.environ[EXTERNAL_MODEL_ENV] = EXTERNAL_MODEL_PACKAGE  # child processes inherit it
-        return
-    from talan_serve.plugins.sglang.models import talan
-
-    registry = resolve("model_registry")
-    for arch in TALAN_ARCHITECTURES:
-        registry.models.setdefault(arch, getattr(talan, arch))
+def register_hook(target: str, hook: Callable, kind: str) -> None:
+    """Register ``hook`` on the ``SYMBOLS[target]`` method with SGLang's ``HookRegistry``;
+    ``kind``: ``AFTER`` or ``AROUND`` (SGLang's ``HookType``)."""
+    resolve("hook_registry").register(SYMBOLS[target], hook, getattr(resolve("hook_type"), kind))

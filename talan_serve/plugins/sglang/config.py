@@ -9,7 +9,7 @@ by class and predicate; the matched config must then expose the hybrid-pool inte
 predicate upgrades the loaded config in place to a subclass of its own class that adds
 exactly those properties (no field changes, nothing serialised).
 
-State per request slot, in the pool's ``MambaPool``: ``conv[0]`` is the running summary
+State per pool entry, in the pool's ``MambaPool``: ``conv[0]`` is the running summary
 (``AdapterSetSpec.state_shape``, ``block.STATE_DTYPE``); ``conv[1]`` is a (1, 1) entry the
 pool's layout needs and nothing reads; the temporal (SSM) state is empty.
 """
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from talan_serve.adapters import AdapterSetSpec
+from talan_serve.adapter_spec import AdapterSetSpec
 from talan_serve.block import STATE_DTYPE
 from talan_serve.config import connection_layer
+from talan_serve.hosts import TALAN_ARCHITECTURES
 from talan_serve.plugins.sglang import _compat
 from talan_serve.prepared import ADAPTERS_KEY, CONFIG_KEY, adapter_set_spec_of
 
@@ -54,22 +55,19 @@ class TalanHybridConfigMixin:
 
     @property
     def mamba2_cache_params(self):
-        from sglang.srt.configs.mamba_utils import (
-            Mamba2CacheParams,
-            Mamba2StateDType,
-            Mamba2StateShape,
-        )
-
+        cache_params = _compat.resolve("mamba_cache_params")
+        state_shape = _compat.resolve("mamba_state_shape")
+        state_dtype = _compat.resolve("mamba_state_dtype")
         shape = self.talan_adapter_spec.state_shape
         width = shape[1]
-        return Mamba2CacheParams(
-            shape=Mamba2StateShape(
+        return cache_params(
+            shape=state_shape(
                 conv=[shape, (1, 1)], temporal=(1, 1, 0), disable_conv_window_dedup=True,
                 intermediate_size=width, conv_dim=width, ssm_state_size=0, num_heads=1,
                 head_dim=1, state_size=0, conv_kernel=2),
             layers=self.linear_layer_ids,
             # The pool would otherwise default to SGLANG_MAMBA_CONV_DTYPE (bf16).
-            dtype=Mamba2StateDType(conv=STATE_DTYPE, temporal=STATE_DTYPE),
+            dtype=state_dtype(conv=STATE_DTYPE, temporal=STATE_DTYPE),
         )
 
 
@@ -89,7 +87,7 @@ def _upgraded_class(cls: type) -> type:
 def is_talan_config(config: Any) -> bool:
     """The linear-attention registry's predicate; upgrades a TALAN config in place."""
     archs = getattr(config, "architectures", None) or []
-    if not archs or archs[0] not in _compat.TALAN_ARCHITECTURES:
+    if not archs or archs[0] not in TALAN_ARCHITECTURES:
         return False
     if getattr(config, CONFIG_KEY, None) is None and getattr(config, ADAPTERS_KEY, None) is None:
         return False
@@ -114,7 +112,7 @@ def register_state_spec() -> None:
         config_class=PretrainedConfig,
         backend_class_name=_compat.STATE_BACKEND_CLASS,
         hybrid_backend_class_name=_compat.HYBRID_BACKEND_CLASS,
-        arch_names=list(_compat.TALAN_ARCHITECTURES),
+        arch_names=list(TALAN_ARCHITECTURES),
         uses_mamba_radix_cache=True,
         support_mamba_cache=True,
         support_mamba_cache_extra_buffer=False,

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from talan_serve.hosts import TALAN_ARCHITECTURES
 from talan_serve.plugins import refusal
 from talan_serve.plugins.sglang import _compat
 
@@ -68,7 +69,7 @@ def _is_talan_folder(model_path: str) -> bool:
     except (OSError, ValueError, TypeError):
         return False
     archs = record.get("architectures") or []
-    return bool(archs) and archs[0] in _compat.TALAN_ARCHITECTURES
+    return bool(archs) and archs[0] in TALAN_ARCHITECTURES
 
 
 def _after_check_server_args(result, server_args, *args, **kwargs):
@@ -87,7 +88,4 @@ def check_runtime() -> None:
 
 
 def register_hooks() -> None:
-    from sglang.srt.plugins.hook_registry import HookType
-
-    _compat.resolve("hook_registry").register(
-        _compat.SYMBOLS["check_server_args"], _after_check_server_args, HookType.AFTER)
+    _compat.register_hook("check_server_args", _after_check_server_args, "AFTER")

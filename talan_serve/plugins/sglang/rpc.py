@@ -3,20 +3,15 @@
 The front end calls ``Engine.collective_rpc("talan_load_adapter", ...)``, which SGLang
 delivers to every scheduler of the engine (each tensor-parallel rank) as a method call on
 the scheduler, followed by a barrier. A hook around the scheduler's RPC handler (SGLang's
-``HookRegistry``) answers the ``talan_*`` methods with ``TalanSchedulerRpc``; the block
-joins the TALAN layer's ``TalanAdapterSet``, so an adapter loaded now runs exactly as one
-loaded at start.
+``HookRegistry``) answers the ``talan_*`` methods with ``TalanSchedulerRpc``; the model's
+``SidePath.load`` validates the checkpoint and adds its block, so an adapter loaded now
+runs exactly as one loaded at start.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
-
-from talan_serve.checkpoint import WEIGHTS_NAME
-from talan_serve.config import TalanConfig
 from talan_serve.plugins.sglang import _compat
 
 METHODS = ("talan_load_adapter", "talan_unload_adapter")
@@ -41,15 +36,12 @@ class TalanSchedulerRpc:
         layer = self._talan_layer()
         if layer is None:  # every connection point is on another pipeline stage
             return
-        config = TalanConfig.load(Path(checkpoint_dir))
-        weights = load_file(str(Path(checkpoint_dir) / WEIGHTS_NAME))
-        device = next(self._model().parameters()).device
-        layer.adapters.add(adapter, config, weights, device=device)
+        layer.side_path.load(adapter, checkpoint_dir, next(self._model().parameters()).device)
 
     def talan_unload_adapter(self, adapter: int) -> None:
         layer = self._talan_layer()
         if layer is not None:
-            layer.adapters.remove(adapter)
+            layer.side_path.unload(adapter)
 
 
 def _around_rpc(original, scheduler, recv_req, *args, **kwargs):
@@ -60,7 +52,4 @@ def _around_rpc(original, scheduler, recv_req, *args, **kwargs):
 
 
 def register_hooks() -> None:
-    from sglang.srt.plugins.hook_registry import HookType
-
-    _compat.resolve("hook_registry").register(
-        _compat.SYMBOLS["scheduler_rpc"], _around_rpc, HookType.AROUND)
+    _compat.register_hook("scheduler_rpc", _around_rpc, "AROUND")

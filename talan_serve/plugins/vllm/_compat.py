@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import get_args
 
 import vllm
-from vllm import ModelRegistry
+from vllm import ModelRegistry, SamplingParams
 from vllm.config import CompilationConfig, get_current_vllm_config
 from vllm.config.lora import MaxLoRARanks
 from vllm.forward_context import get_forward_context
@@ -35,10 +35,12 @@ from vllm.v1.kv_cache_interface import MambaSpec
 from vllm.v1.sample.logits_processor import LogitsProcessor
 from vllm.v1.sample.logits_processor.interface import MoveDirectionality
 
+from talan_serve.hosts import host_modules
+
 __all__ = [
     "AttentionCGSupport", "AttentionMetadataBuilder", "HasInnerState", "IsHybrid",
     "LoRARequest", "LogitsProcessor", "MODELS_CONFIG_MAP", "MambaAttentionBackendEnum",
-    "MambaBase", "MambaSpec", "ModelRegistry", "MoveDirectionality",
+    "MambaBase", "MambaSpec", "ModelRegistry", "MoveDirectionality", "SamplingParams",
     "ShortConvAttentionBackend", "SupportsMambaPrefixCaching", "VerifyAndUpdateConfig",
     "get_current_vllm_config", "get_forward_context", "get_temporal_copy_spec",
     "mamba_get_block_table_tensor",
@@ -52,26 +54,24 @@ OP_NAMESPACE = "vllm"
 OP_NAME = "talan_side_path"
 SPLITTING_OP = f"{OP_NAMESPACE}::{OP_NAME}"
 
-# vLLM's module of each host architecture that has a TALAN twin (talan_serve.prepared).
-HOST_MODULES = {
-    "Qwen3ForCausalLM": "vllm.model_executor.models.qwen3",
-    "Qwen3MoeForCausalLM": "vllm.model_executor.models.qwen3_moe",
-    "Qwen2ForCausalLM": "vllm.model_executor.models.qwen2",
-    "LlamaForCausalLM": "vllm.model_executor.models.llama",
-}
+# vLLM's module of each host architecture (talan_serve.hosts).
+HOST_MODULES = host_modules("vllm.model_executor.models")
+
+# Where a request's per-request arguments (the switch) sit in its SamplingParams.
+ARGS_FIELD = "extra_args"
 
 # vLLM sizes LoRA buffers for one of these ranks only (``max_lora_rank``).
-LORA_RANK_SLOTS: tuple[int, ...] = tuple(sorted(get_args(MaxLoRARanks)))
+LORA_RANKS: tuple[int, ...] = tuple(sorted(get_args(MaxLoRARanks)))
 
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
-def lora_rank_slot(rank: int) -> int:
+def lora_rank_for(rank: int) -> int:
     """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank``."""
-    for slot in LORA_RANK_SLOTS:
-        if slot >= rank:
-            return slot
-    raise ValueError(f"LoRA rank {rank} is above vLLM's largest ({LORA_RANK_SLOTS[-1]})")
+    for allowed in LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest ({LORA_RANKS[-1]})")
 
 
 def register_custom_op(op_func: Callable, mutates_args: list[str]) -> None:
@@ -88,7 +88,7 @@ def add_splitting_op(compilation_config) -> None:
     """Make the TALAN op a graph split point, like vLLM's own attention/mamba ops.
 
     Piecewise CUDA graphs are keyed by token count only; the side path reads per-batch
-    metadata (state slots, sequence offsets) set per step, so it must run outside the
+    metadata (state indices, sequence offsets) set per step, so it must run outside the
     piecewise graphs. Full decode graphs still capture it (its decode path is static).
     """
     ops = getattr(CompilationConfig, "_attention_ops", None)

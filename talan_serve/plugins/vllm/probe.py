@@ -19,11 +19,11 @@ def _runner(worker: Any) -> Any:
 
 
 def _talan_layer(runner: Any) -> Any:
-    from talan_serve.plugins.vllm.layer import TalanStateLayer
+    from talan_serve.plugins.vllm.layer import VllmStateLayer
 
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     for module in model.modules():
-        if isinstance(module, TalanStateLayer):
+        if isinstance(module, VllmStateLayer):
             return module
     raise LookupError("talan-serve: this engine's model has no TALAN state layer")
 
@@ -40,7 +40,7 @@ def _state_group(runner: Any) -> int:
 def running_state_masses(worker: Any) -> dict[str, float]:
     """``{request id: sum_t D[t]}`` for the requests in the worker's current batch.
 
-    Valid with ``enable_prefix_caching=False`` (one state slot per request).
+    Valid with ``enable_prefix_caching=False`` (one state index per request).
     """
     runner = _runner(worker)
     if runner.cache_config.mamba_cache_mode != "none":
@@ -49,8 +49,8 @@ def running_state_masses(worker: Any) -> dict[str, float]:
     table = runner.input_batch.block_table[_state_group(runner)].block_table.np
     masses = {}
     for row, request_id in enumerate(runner.input_batch.req_ids):
-        slot = int(table[row, 0])
-        masses[request_id] = float(states[slot, :, -1].double().sum().item())
+        index = int(table[row, 0])
+        masses[request_id] = float(states[index, :, -1].double().sum().item())
     return masses
 
 
@@ -66,8 +66,7 @@ def stepwise_state_masses(
     ``llm`` is a ``vllm.LLM`` with an in-process engine; ``talan`` switches TALAN per
     request. Keys are the engine's request ids, in the order added.
     """
-    from vllm import SamplingParams
-
+    from talan_serve.plugins.vllm._compat import SamplingParams
     from talan_serve.switch import switch_args
 
     engine = llm.llm_engine

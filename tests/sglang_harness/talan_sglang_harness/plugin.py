@@ -28,27 +28,28 @@ def _metadata(layer, forward_batch):
 
 
 def _install_probe(path: str) -> None:
-    from talan_serve.plugins.sglang.layer import TalanStateLayer
+    from talan_serve.plugins.sglang.layer import SglangStateLayer
 
-    original = TalanStateLayer.side_path
+    original = SglangStateLayer.run
 
-    def side_path(self, stream, forward_batch, *args):
+    def run(self, stream, forward_batch, *args):
         mode = forward_batch.forward_mode
         if mode.is_idle() or stream.shape[0] == 0:
             return original(self, stream, forward_batch, *args)
         metadata = _metadata(self, forward_batch)
-        slots = metadata.cache_indices.clamp(min=0)
+        indices = metadata.cache_indices.clamp(min=0)
         states = metadata.layer_cache.conv[0]
-        d = self.adapters.spec.hidden_size
-        before = states.index_select(0, slots)[..., d].sum(-1).tolist()
+        d = self.side_path.adapters.spec.hidden_size
+        before = states.index_select(0, indices)[..., d].sum(-1).tolist()
         out = original(self, stream, forward_batch, *args)
-        after = states.index_select(0, slots)[..., d].sum(-1).tolist()
+        after = states.index_select(0, indices)[..., d].sum(-1).tolist()
+        adapters = metadata.entry_adapters.index_select(0, indices)
         record = {
             "mode": mode.name, "rids": list(forward_batch.rids or [])[: len(before)],
-            "slots": slots.tolist(),
+            "entries": indices.tolist(),
             "mass_before": before, "mass_after": after,
-            "enabled": (metadata.routes.index_select(0, slots) >= 0).tolist(),
-            "adapters": metadata.routes.index_select(0, slots).tolist(),
+            "enabled": (adapters >= 0).tolist(),
+            "adapters": adapters.tolist(),
             "extend_seq_lens": None if forward_batch.extend_seq_lens_cpu is None
             else list(forward_batch.extend_seq_lens_cpu),
             "extend_prefix_lens": None if forward_batch.extend_prefix_lens_cpu is None
@@ -58,23 +59,23 @@ def _install_probe(path: str) -> None:
             handle.write(json.dumps(record) + "\n")
         return out
 
-    TalanStateLayer.side_path = side_path
+    SglangStateLayer.run = run
 
 
 def _install_fault(kind: str) -> None:
     import torch
 
-    from talan_serve import adapters
+    from talan_serve import adapter_set
 
     if kind != "drop_extend_state":
         raise ValueError(f"unknown TALAN_TEST_FAULT {kind!r}")
-    original = adapters.initial_states
+    original = adapter_set.initial_states
 
-    def initial_states(states, slots, resume):
-        out = original(states, slots, resume)
+    def initial_states(states, indices, resume):
+        out = original(states, indices, resume)
         return torch.zeros_like(out) if resume is not None else out
 
-    adapters.initial_states = initial_states
+    adapter_set.initial_states = initial_states
     logger.warning("TEST FAULT INJECTED: %s", kind)
 
 

@@ -1,168 +1,85 @@
-"""TALAN twins of SGLang's own causal-LM classes, made by one generic mixin.
+"""TALAN twins of SGLang's own causal-LM classes: SGLang's glue for ``talan_serve.engine.model``.
 
 ``TalanQwen3ForCausalLM`` *is* SGLang's ``Qwen3ForCausalLM`` (same ``__init__``, weights,
-LoRA targets, pipeline split) plus
+LoRA targets, pipeline split) plus the engine-neutral mixin, and here what is SGLang's:
 
-* ``self.talan``: a ``TalanStateLayer`` (the TALAN adapters: one checkpoint's, or those
-  of a server of many) whose state lives in SGLang's state pool;
-* the decoder layer at each connection point gets a one-method subclass (its class is
-  swapped in place, so parameter names, LoRA targets and weight loading do not change).
-  ``embedding``: TALAN on the stream entering decoder layer 0. ``layer_N``: after decoder
-  layer N, SGLang's residual stream ``fold`` gives the full stream ``X = hidden +
-  residual`` (tensor-parallel reduction included), TALAN gives ``X + delta``, and
-  ``set_written`` hands it on as the next layer's residual.
-
-The same mixin serves Qwen3, Qwen3-MoE, Qwen2 and Llama: nothing here knows a host.
+* the refusals checked again in each scheduler (``guards.check_runtime``) and the loaded
+  config given the hybrid-pool interface (``config.upgraded``);
+* the state layer (``self.talan``, ``layer.SglangStateLayer``), whose state lives in
+  SGLang's state pool under one decoder layer's id;
+* the swapped decoder layer's forward. ``embedding``: TALAN on the stream entering decoder
+  layer 0. ``layer_N``: after decoder layer N, SGLang's residual stream ``fold`` gives the
+  full stream ``X = hidden + residual`` (tensor-parallel reduction included), TALAN gives
+  ``X + delta``, and ``set_written`` hands it on as the next layer's residual.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterable
-from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
-
-from talan_serve.config import connection_layer
+from talan_serve.engine.model import TalanModelMixin, class_builder
+from talan_serve.hosts import TALAN_ARCHITECTURES
 from talan_serve.plugins.sglang import _compat
 from talan_serve.plugins.sglang.config import state_layer_id, upgraded
-from talan_serve.prepared import (
-    CONFIG_KEY,
-    adapter_set_spec_of,
-    checkpoint_config_of,
-    talan_architecture,
-    talan_weights_path,
-)
-from talan_serve.switch import DEFAULT_ADAPTER
-
-_PATCHED_LAYER_CLASSES: dict[tuple[type, str], type] = {}
+from talan_serve.prepared import adapter_set_spec_of
 
 
-def _with_side_path(layer_cls: type, where: str) -> type:
-    """``layer_cls`` with the TALAN side path before (``embedding``) or after its forward."""
-    key = (layer_cls, where)
-    if key in _PATCHED_LAYER_CLASSES:
-        return _PATCHED_LAYER_CLASSES[key]
+def _forward_for(layer_cls: type):
+    """The swapped decoder layer's forward: the side path before it (``embedding``) and/or
+    after it (``layer_N``), on the full residual stream."""
     fold, set_written = _compat.resolve("residual_fold"), _compat.resolve("residual_set_written")
 
-    if where == "before":
-
-        def forward(self, positions, hidden_states, forward_batch, *args, **kwargs):
+    def forward(self, positions, hidden_states, forward_batch, *args, **kwargs):
+        if self._talan_before is not None:
             stream = forward_batch.residual_stream
             if stream is not None and stream.residual is None and stream.pending is None:
                 # A fresh layer stack: hidden_states is the whole stream.
-                hidden_states = self._talan_layer(hidden_states, forward_batch,
-                                                  self._talan_before)
+                hidden_states = self._talan_side_path(hidden_states, forward_batch,
+                                                      self._talan_before)
             else:  # a stream handed over (pipeline stage): fold it first
                 hidden_states = set_written(
-                    self._talan_layer(fold(hidden_states, forward_batch), forward_batch,
-                                      self._talan_before),
+                    self._talan_side_path(fold(hidden_states, forward_batch), forward_batch,
+                                          self._talan_before),
                     forward_batch)
-            return layer_cls.forward(self, positions, hidden_states, forward_batch, *args,
-                                     **kwargs)
+        out = layer_cls.forward(self, positions, hidden_states, forward_batch, *args, **kwargs)
+        if self._talan_after is None:
+            return out
+        stream = fold(out, forward_batch)
+        return set_written(self._talan_side_path(stream, forward_batch, self._talan_after),
+                           forward_batch)
 
-    else:
-
-        def forward(self, positions, hidden_states, forward_batch, *args, **kwargs):
-            out = layer_cls.forward(self, positions, hidden_states, forward_batch, *args,
-                                    **kwargs)
-            stream = fold(out, forward_batch)
-            return set_written(self._talan_layer(stream, forward_batch, self._talan_after),
-                               forward_batch)
-
-    patched = type(f"Talan{where.capitalize()}{layer_cls.__name__}", (layer_cls,),
-                   {"forward": forward, "__module__": __name__})
-    _PATCHED_LAYER_CLASSES[key] = patched
-    return patched
+    return forward
 
 
-def install_side_path(decoder: torch.nn.Module, point: str,
-                      talan_layer: torch.nn.Module) -> bool:
-    """Swap the class of the decoder layer at connection ``point`` (False: another
-    pipeline stage holds it). ``embedding`` and ``layer_0`` may both be on layer 0."""
-    index = connection_layer(point)
-    position, where = (0, "before") if index is None else (index, "after")
-    target = decoder.layers[position]
-    if type(target).__name__ == "PPMissingLayer":
-        return False
-    target.__class__ = _with_side_path(type(target), where)
-    # Plain attributes, not submodules: parameter names do not change.
-    object.__setattr__(target, "_talan_layer", talan_layer)
-    object.__setattr__(target, f"_talan_{where}", point)
-    return True
-
-
-class TalanModelMixin:
+class SglangTalanModel(TalanModelMixin):
     """Mixed in front of an SGLang causal-LM class; see the module docstring."""
 
     def __init__(self, config, *args, **kwargs):
         from talan_serve.plugins.sglang.guards import check_runtime
-        from talan_serve.plugins.sglang.layer import TalanStateLayer
+        from talan_serve.plugins.sglang.layer import SglangStateLayer
 
         check_runtime()
         upgraded(config)
         super().__init__(config, *args, **kwargs)
         spec = adapter_set_spec_of(config)
-        spec.check_host(config.hidden_size, config.num_hidden_layers)
-        # One checkpoint: adapter 0, loaded with the weights. A base for many adapters
-        # starts with empty stacks; rpc.py loads the adapters.
-        self.talan_config = checkpoint_config_of(config)
-        self.talan_weights = _weights_path(config) if self.talan_config is not None else None
-        self.talan = TalanStateLayer(spec.build(), layer_id=state_layer_id(spec))
-        installed = [install_side_path(self.model, point, self.talan)
-                     for point in spec.connection_points]
-        if not any(installed):
-            del self.talan  # every connection point is on another pipeline stage
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
-        prefix = f"{CONFIG_KEY}."
-        result = super().load_weights((n, w) for n, w in weights if not n.startswith(prefix))
-        if hasattr(self, "talan"):
-            device = next(self.parameters()).device
-            self.talan.to(device)
-            if self.talan_config is not None:
-                state_dict = load_file(str(self.talan_weights))
-                self.talan.adapters.add(DEFAULT_ADAPTER, self.talan_config, state_dict,
-                                        device=device)
-            if isinstance(result, set):
-                result |= {f"{prefix}{name}" for name, _ in self.talan.named_parameters()}
-        return result
+        self._attach_talan(
+            config, [getattr(config, "_name_or_path", None), _served_model_path()],
+            lambda side_path: SglangStateLayer(side_path, layer_id=state_layer_id(spec)),
+            _forward_for)
 
 
-def _weights_path(config) -> Path:
-    """The TALAN weights of the served folder (the config's own path, or SGLang's)."""
-    candidates = [getattr(config, "_name_or_path", None)]
+def _served_model_path() -> str | None:
+    """The folder SGLang serves, when it has published its runtime context."""
     try:
-        candidates.append(_compat.resolve("runtime_model")().model_path)
-    except Exception:  # noqa: BLE001 - no published context
-        pass
-    for folder in filter(None, candidates):
-        if talan_weights_path(folder).is_file():
-            return talan_weights_path(folder)
-    raise FileNotFoundError(f"talan-serve: no TALAN weights in the model folder "
-                            f"({', '.join(map(str, filter(None, candidates)))})")
+        return _compat.resolve("runtime_model")().model_path
+    except Exception:  # noqa: BLE001 - no published context (a model built by hand)
+        return None
 
 
-def talan_model_class(host_cls: type) -> type:
-    return type(talan_architecture(host_cls.__name__), (TalanModelMixin, host_cls),
-                {"__module__": __name__})
-
-
-def _build(arch: str) -> type:
-    for host, module in _compat.HOST_MODULES.items():
-        if arch == talan_architecture(host):
-            cls = talan_model_class(getattr(importlib.import_module(module), host))
-            globals()[arch] = cls
-            return cls
-    raise AttributeError(arch)
+_build = class_builder(globals(), SglangTalanModel, _compat.HOST_MODULES)
 
 
 def __getattr__(name: str) -> type:
-    if name in _compat.TALAN_ARCHITECTURES:
-        return _build(name)
-    raise AttributeError(name)
+    return _build(name)
 
 
 # SGLang's external model package reads EntryClass.
-EntryClass = [_build(arch) for arch in _compat.TALAN_ARCHITECTURES]
+EntryClass = [_build(arch) for arch in TALAN_ARCHITECTURES]

@@ -1,4 +1,4 @@
-"""One talan-serve process, one base model, several TALAN(+LoRA) adapters by ``model``.
+"""One ``talan-serve --engine E`` process, one base model, several TALAN(+LoRA) adapters.
 
 Started with two adapters (``--adapters``); a third is loaded at run time from an
 allowlisted directory and unloaded again. Every adapter's greedy completion equals the
@@ -13,8 +13,9 @@ import shutil
 import openai
 import pytest
 
-from tests.server.support import SERVED_NAME, start_server
-from tests.server.test_talan_server import TOL, greedy
+from tests.contract.conftest import serve
+from tests.contract.support import TOL, greedy
+from tests.server.support import SERVED_NAME
 
 pytestmark = pytest.mark.slow
 PROMPT = "the water call first who"
@@ -42,10 +43,11 @@ def setup(tiny_model, workdir):
 
 
 @pytest.fixture(scope="module")
-def server(setup, workdir):
+def server(engine, setup, workdir):
     model_dir, paths, _ = setup
-    proc = start_server(
-        model_dir, workdir, "--adapters", f"alpha={paths['alpha']}", f"beta={paths['beta']}",
+    proc = serve(
+        engine, model_dir, workdir, "--adapters", f"alpha={paths['alpha']}",
+        f"beta={paths['beta']}",
         "--allowed-adapter-dirs", str(paths["gamma"].parent), "--max-lora-rank", "8",
         "--max-talan-slots", "4")
     yield proc

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# A local stand-in for python:3.11-slim-bookworm, for hosts that cannot pull from Docker
+# A local stand-in for python:3.11-slim-bookworm, for machines that cannot pull from Docker
 # Hub but reach Debian's apt repositories and a Python package index (this project's CI
-# and dev machines). The Dockerfiles keep `FROM python:3.11-slim-bookworm`; this image
-# carries that tag, so they build unchanged.
+# and dev machines); test-only. The Dockerfiles keep `FROM python:3.11-slim-bookworm`; this
+# image carries that tag, so they build unchanged.
 #
-#   docker/local_base.sh [TAG]        # default TAG: python:3.11-slim-bookworm
+#   tests/docker/local_base.sh [TAG]        # default TAG: python:3.11-slim-bookworm
 #
 # Needs root, a running docker daemon and debootstrap. Does nothing for an image that
 # already exists. Steps:
@@ -15,7 +15,7 @@
 #      the host's extra CA certificates and pip's network settings (cert, timeout, index),
 #      so pip in an image build reaches the index the same way as on this host.
 # Wheel folders and local indexes in the host's pip configuration are not copied: the
-# build helper (docker/dockerhost.py) serves them to each build over 127.0.0.1.
+# build helper (tests/docker/dockerhost.py) serves them to each build over 127.0.0.1.
 set -euo pipefail
 
 tag="${1:-python:3.11-slim-bookworm}"
@@ -105,7 +105,7 @@ RUN apt-get update \\
     && rm -rf /var/lib/apt/lists/* \\
     && python3.11 -m venv /usr/local \\
     && /usr/local/bin/pip install --no-cache-dir --quiet --upgrade pip
-LABEL org.talan-serve.local-base="python:3.11-slim-bookworm stand-in (docker/local_base.sh)"
+LABEL org.talan-serve.local-base="python:3.11-slim-bookworm stand-in (tests/docker/local_base.sh)"
 CMD ["python3"]
 EOF
 echo "local_base: building $tag"

@@ -1,16 +1,16 @@
 """Build the GPU image on a host without a GPU and check what can be checked there.
 
-    python docker/build_and_check_gpu_image.py [--tag talan-serve:check] [--keep] [--worktree]
+    python tests/docker/build_and_check_gpu_image.py [--tag talan-serve:check] [--keep] [--worktree]
 
 Builds docker/Dockerfile.gpu from the committed tree (``git archive HEAD``; ``--worktree``:
-the working copy through .dockerignore), then runs docker/check_gpu_image.py in the image
+the working copy through .dockerignore), then runs tests/docker/check_gpu_image.py in the image
 (``docker run -i --entrypoint python IMAGE -``, no GPU): vLLM's CUDA build imports, the
 ``talan`` vLLM plugin registers, ``talan-serve --help`` runs, and a prepared TALAN model
 folder resolves to ``TalanQwen3ForCausalLM`` in vLLM's model registry. Writes the build
 time, image size, largest layers and check results to bench/results/docker_gpu_image.json.
 
 The daemon, the base image stand-in and the host's package index come from
-docker/dockerhost.py: dockerd is stopped again (by PID) if this script started it. The
+tests/docker/dockerhost.py: dockerd is stopped again (by PID) if this script started it. The
 image is removed afterwards (``--keep`` keeps it) and dangling layers are pruned. Not part
 of the test suite: the image is large and its build downloads gigabytes of CUDA wheels.
 """
@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE.parent / "bench" / "results" / "docker_gpu_image.json"
+REPO = HERE.parents[1]
+RESULTS = REPO / "bench" / "results" / "docker_gpu_image.json"
 
 
 def _dockerhost():
@@ -69,7 +70,7 @@ def main() -> int:
                 record["build_args"] = sorted(build_args)
                 record["build_seconds"] = round(dh.build(
                     docker, "docker/Dockerfile.gpu", args.tag, build_args, log,
-                    context=HERE.parent if args.worktree else None, timeout=7200), 1)
+                    context=REPO if args.worktree else None, timeout=7200), 1)
         except RuntimeError as error:
             record["build_error"] = str(error)[-4000:]
             raise

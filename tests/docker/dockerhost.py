@@ -1,13 +1,14 @@
 """Docker on a host that cannot pull from Docker Hub: the daemon, the base image, the index.
 
-Used by ``tests/docker/test_cpu_image.py`` and ``docker/build_and_check_gpu_image.py``
-(stdlib only; load it by path, the folder is not a package):
+Test-only (a user builds the images with plain ``docker build``, docker/Dockerfile.*).
+Used by ``tests/docker/test_cpu_image.py`` and ``tests/docker/build_and_check_gpu_image.py``
+(stdlib only):
 
 - ``start_daemon()``: a running daemon, or dockerd started here (as root; ``docker.io``
   installed with apt-get when missing) with its own log; ``Daemon.stop()`` stops it by
   PID, and only if it was started here.
 - ``ensure_base_image()``: ``python:3.11-slim-bookworm`` as it is, or the local stand-in
-  that ``docker/local_base.sh`` builds with debootstrap when the tag is missing.
+  that ``tests/docker/local_base.sh`` builds with debootstrap when the tag is missing.
 - ``HostIndex``: the host's pip wheel folders and file:// indexes (``find-links``,
   ``extra-index-url``) served on 127.0.0.1 for the length of a build, handed to the
   Dockerfiles as pip's own build arguments (``PIP_FIND_LINKS``, ...), so pip in the
@@ -32,8 +33,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DOCKER_DIR = Path(__file__).resolve().parent
-REPO = DOCKER_DIR.parent
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 BASE_IMAGE = "python:3.11-slim-bookworm"
 
 
@@ -148,13 +149,13 @@ def image_exists(docker: str, tag: str) -> bool:
 
 
 def ensure_base_image(docker: str, tag: str = BASE_IMAGE) -> bool:
-    """``tag`` as it is, else the debootstrap stand-in (``docker/local_base.sh``).
+    """``tag`` as it is, else the debootstrap stand-in (``tests/docker/local_base.sh``).
     Returns whether it was built now."""
     if image_exists(docker, tag):
         return False
     if shutil.which("debootstrap") is None:
         apt_install("debootstrap")
-    result = subprocess.run(["bash", str(DOCKER_DIR / "local_base.sh"), tag],
+    result = subprocess.run(["bash", str(HERE / "local_base.sh"), tag],
                             capture_output=True, text=True, timeout=1800,
                             env=dict(os.environ, DOCKER=docker))
     if result.returncode in (3, 4):  # no debootstrap / no Debian mirror: this host

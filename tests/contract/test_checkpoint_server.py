@@ -1,10 +1,13 @@
-"""``talan-serve --engine sglang``: the same OpenAI API through the same front end.
+"""One TALAN(+LoRA) checkpoint served by ``talan-serve --engine E`` equals the reference.
 
-One server on a tiny Qwen3 + TALAN + LoRA checkpoint (fp32, deterministic, the CPU test
-harness on its path): the OpenAI SDK's greedy completions equal the transformers
-reference (ids, logprobs within 1e-4) with TALAN on and off, streamed and not; lm-eval's
-loglikelihood through the server equals its ``hf`` backend on the reference; malformed
-requests get no 5xx; abandoned streams are aborted in the engine.
+A server per engine on a tiny Qwen3 + TALAN + LoRA checkpoint (fp32, ``--deterministic``,
+the LoRA merged into the weights at load, the default), and a second with the LoRA served
+per request (``--no-merge-lora``). Against the transformers reference
+(``talan_serve.reference.load_reference``: HF + PEFT + TALAN, full-sequence forward): the
+OpenAI SDK's greedy completions, streamed and not, equal it (ids, logprobs within 1e-4)
+with TALAN on and off; so do chat, echoed prompt logprobs and lm-eval's loglikelihood
+through the server (against its ``hf`` backend on the reference). Malformed requests get
+no 5xx; abandoned streams are aborted in the engine.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import json
 
 import httpx
 import pytest
+import torch
 
+from tests.contract.conftest import serve
+from tests.contract.support import TOL, greedy
 from tests.server.support import (
     API_KEY,
     SERVED_NAME,
@@ -23,16 +29,9 @@ from tests.server.support import (
     wait_idle,
     write_tasks,
 )
-from tests.sglang.conftest import harness_env
-from tests.sglang.parity import TOL
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["the water call first who", "Solve 12 plus 7 equals", "a"]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("sglang-server")
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +43,9 @@ def checkpoint(tiny_model, workdir):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, workdir):
-    from server.local import start_local_server
-
+def server(engine, checkpoint, workdir):
     model_dir, ckpt = checkpoint
-    env = harness_env(TALAN_SERVE_CACHE=str(workdir / "cache"))
-    proc = start_local_server(
-        model_dir, workdir, "--engine", "sglang", "--talan", str(ckpt), "--deterministic",
-        "--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-model-len", "512",
-        "--log-level", "warning", api_key=API_KEY, env=env, timeout=600)
+    proc = serve(engine, model_dir, workdir, "--talan", str(ckpt), "--deterministic")
     yield proc
     proc.stop()
 
@@ -63,6 +56,16 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
+def unmerged_client(engine, checkpoint, workdir):
+    model_dir, ckpt = checkpoint
+    proc = serve(engine, model_dir, workdir, "--talan", str(ckpt), "--no-merge-lora")
+    with proc.client() as c:
+        assert c.get("/v1/models").json()["data"][0]["adapter"] == "per_request"
+    yield proc.openai()
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
 def reference(checkpoint):
     from talan_serve.reference import load_reference
 
@@ -70,33 +73,16 @@ def reference(checkpoint):
     return load_reference(model_dir, talan=ckpt)
 
 
-def greedy(model, ids: list[int], steps: int, talan: bool) -> tuple[list[int], list[float]]:
-    import contextlib
-
-    import torch
-
-    from talan_serve.reference import talan_disabled
-
-    out_ids, out_lps = [], []
-    with torch.no_grad(), contextlib.nullcontext() if talan else talan_disabled(model):
-        for _ in range(steps):
-            logprobs = model(input_ids=torch.tensor([ids + out_ids])).logits[0, -1]
-            logprobs = logprobs.float().log_softmax(-1)
-            out_ids.append(int(logprobs.argmax()))
-            out_lps.append(float(logprobs[out_ids[-1]]))
-    return out_ids, out_lps
-
-
-def test_models_say_what_is_served(server):
+def test_models_say_what_is_served(server, engine):
     with server.client() as c:
         (card,) = c.get("/v1/models").json()["data"]
         version = c.get("/version").json()
-    assert (card["talan"], card["adapter"], card["dtype"]) == (True, "merged", "float32")
-    assert version["engine"] == "sglang"
+    assert (card["talan"], card["adapter"], card["dtype"], card["deterministic"]) == \
+        (True, "merged", "float32", True)
+    assert version["engine"] == engine
 
 
-@pytest.mark.parametrize("talan", [True, False])
-def test_greedy_completion_equals_reference(client, reference, talan):
+def assert_greedy_equals_reference(client, reference, talan: bool, stream: bool) -> None:
     model, tokenizer = reference
     for prompt in PROMPTS:
         ids = tokenizer(prompt).input_ids
@@ -104,12 +90,38 @@ def test_greedy_completion_equals_reference(client, reference, talan):
         kwargs = dict(model=SERVED_NAME, prompt=ids, max_tokens=8, temperature=0, logprobs=0,
                       extra_body={"ignore_eos": True, "talan": {"enabled": talan}})
         response = client.completions.create(**kwargs)
+        got = response.choices[0].logprobs
+        # Same tokens: the same text (a full decode, server/backends/template.py) and the
+        # same logprob at every step (a different token would not match within TOL).
         assert response.choices[0].text == tokenizer.decode(want_ids, skip_special_tokens=True)
-        assert response.choices[0].logprobs.token_logprobs == pytest.approx(want_lps, abs=TOL)
-        chunks = list(client.completions.create(stream=True, **kwargs))
-        assert "".join(c.choices[0].text for c in chunks) == response.choices[0].text
-        streamed = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
-        assert streamed == pytest.approx(want_lps, abs=TOL)
+        assert len(got.tokens) == len(want_ids)
+        assert got.token_logprobs == pytest.approx(want_lps, abs=TOL)
+        if stream:
+            chunks = list(client.completions.create(stream=True, **kwargs))
+            assert "".join(c.choices[0].text for c in chunks) == response.choices[0].text
+            streamed = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
+            assert streamed == pytest.approx(want_lps, abs=TOL)
+
+
+@pytest.mark.parametrize("talan", [True, False])
+def test_greedy_completion_equals_reference(client, reference, talan):
+    assert_greedy_equals_reference(client, reference, talan, stream=True)
+
+
+@pytest.mark.parametrize("talan", [True, False])
+def test_lora_served_per_request_equals_reference(unmerged_client, reference, talan):
+    assert_greedy_equals_reference(unmerged_client, reference, talan, stream=False)
+
+
+def test_switch_changes_the_output(client):
+    def run(enabled: bool) -> list[float]:
+        response = client.completions.create(
+            model=SERVED_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=0,
+            extra_body={"ignore_eos": True, "talan": {"enabled": enabled}})
+        return response.choices[0].logprobs.token_logprobs
+
+    on, off = run(True), run(False)
+    assert max(abs(a - b) for a, b in zip(on, off, strict=True)) > 1e-3
 
 
 def test_chat_equals_reference(client, reference):
@@ -124,6 +136,17 @@ def test_chat_equals_reference(client, reference):
                                                                    skip_special_tokens=True)
 
 
+def test_echo_logprobs_equal_reference_forward(client, reference):
+    model, tokenizer = reference
+    ids = tokenizer(PROMPTS[1]).input_ids
+    with torch.no_grad():
+        logprobs = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    want = [float(logprobs[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    response = client.completions.create(model=SERVED_NAME, prompt=ids, echo=True, max_tokens=0,
+                                         logprobs=1, temperature=0)
+    assert response.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=TOL)
+
+
 def test_lm_eval_loglikelihood_equals_hf_on_reference(server, checkpoint, reference, workdir,
                                                       monkeypatch):
     from lm_eval.models.huggingface import HFLM
@@ -134,13 +157,15 @@ def test_lm_eval_loglikelihood_equals_hf_on_reference(server, checkpoint, refere
     tasks_dir = workdir / "tasks"
     tasks_dir.mkdir(exist_ok=True)
     manager = TaskManager(include_path=str(write_tasks(tasks_dir)))
-    served = evaluate("local-completions", manager, ["tiny_mc"], model_args={
-        "base_url": f"{server.base_url}/v1/completions", "model": SERVED_NAME,
-        "tokenizer": str(model_dir), "tokenizer_backend": "huggingface", "batch_size": 4,
-        "max_retries": 1})
+    served = evaluate(
+        "local-completions", manager, ["tiny_mc"],
+        model_args={"base_url": f"{server.base_url}/v1/completions", "model": SERVED_NAME,
+                    "tokenizer": str(model_dir), "tokenizer_backend": "huggingface",
+                    "batch_size": 4, "max_retries": 1},
+    )
     model, tokenizer = reference
-    expected = evaluate(HFLM(pretrained=model, tokenizer=tokenizer, device="cpu",
-                             batch_size=4), manager, ["tiny_mc"])
+    hf = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=4)
+    expected = evaluate(hf, manager, ["tiny_mc"])
     for ours, theirs in zip(samples(served, "tiny_mc"), samples(expected, "tiny_mc"),
                             strict=True):
         assert [r[0] for r in ours["filtered_resps"]] == \

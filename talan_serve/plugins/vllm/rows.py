@@ -1,15 +1,15 @@
-"""The per-request switch inside vLLM: a logits processor that only reads routes.
+"""Each batch row's adapter id inside vLLM: a logits processor that only reads the switch.
 
 vLLM hands a request's ``SamplingParams`` to the worker only through the persistent
 input batch, and the one public hook on it is the V1 logits-processor interface: its
 ``update_state`` sees every request added to, removed from or moved within the batch,
 by batch row, before each forward pass (the row order the model sees: the TALAN state
-metadata keeps the input batch's order). ``TalanSwitch`` is such a processor that never
-changes logits; it parses each row's ``extra_args`` with ``talan_serve.switch`` into the
-adapter the row runs (``NO_ADAPTER`` when TALAN is off) and hands the rows to the TALAN
-layers (on the host for the step's plan, and into a fixed-address buffer that CUDA
-graphs read on replay). The model's config hook adds this
-processor for TALAN architectures only.
+metadata keeps the input batch's order). ``RowAdapterTracker`` is such a processor that
+never changes logits; it reads each row's ``extra_args`` (``talan_serve.engine.requests``)
+into the adapter id the row runs (``NO_ADAPTER`` when TALAN is off) and hands the rows to
+the TALAN layers (on the CPU for the step's plan, and into a fixed-address buffer that
+CUDA graphs read on replay). The model's config hook adds this processor for TALAN
+architectures only.
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from talan_serve.plugins.vllm._compat import LogitsProcessor, MoveDirectionality
-from talan_serve.switch import NO_ADAPTER, route_in
+from talan_serve.engine.requests import request_adapter
+from talan_serve.plugins.vllm._compat import ARGS_FIELD, LogitsProcessor, MoveDirectionality
+from talan_serve.switch import NO_ADAPTER
 
 
-def request_route(params: Any) -> int:
-    """The adapter a request's SamplingParams run, or ``NO_ADAPTER`` (``SwitchError`` if
+def row_adapter(params: Any) -> int:
+    """The adapter id a request's SamplingParams run, or ``NO_ADAPTER`` (``SwitchError`` if
     malformed)."""
-    return route_in(getattr(params, "extra_args", None))
+    return request_adapter(params, ARGS_FIELD)
 
 
-class TalanSwitch(LogitsProcessor):
-    """Logits processor that only tracks each batch row's adapter (logits unchanged)."""
+class RowAdapterTracker(LogitsProcessor):
+    """Logits processor that only tracks each batch row's adapter id (logits unchanged)."""
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
         self.rows = np.full(vllm_config.scheduler_config.max_num_seqs, NO_ADAPTER,
@@ -43,7 +44,7 @@ class TalanSwitch(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
-        request_route(sampling_params)
+        row_adapter(sampling_params)
 
     def is_argmax_invariant(self) -> bool:
         return True
@@ -53,10 +54,10 @@ class TalanSwitch(LogitsProcessor):
 
     def layers(self) -> list[Any]:
         if self._layers is None:
-            from talan_serve.plugins.vllm.layer import TalanStateLayer
+            from talan_serve.plugins.vllm.layer import VllmStateLayer
 
             self._layers = [layer for layer in self._forward_context.values()
-                            if isinstance(layer, TalanStateLayer)]
+                            if isinstance(layer, VllmStateLayer)]
         return self._layers
 
     def update_state(self, batch_update: Any) -> None:
@@ -66,11 +67,11 @@ class TalanSwitch(LogitsProcessor):
         for index in batch_update.removed:
             rows[index] = NO_ADAPTER
         for index, params, _, _ in batch_update.added:
-            rows[index] = request_route(params)
+            rows[index] = row_adapter(params)
         for src, dst, direction in batch_update.moved:
-            src_route, dst_route = rows[src], rows[dst]
-            rows[dst] = src_route
-            rows[src] = dst_route if direction == MoveDirectionality.SWAP else NO_ADAPTER
+            src_adapter, dst_adapter = rows[src], rows[dst]
+            rows[dst] = src_adapter
+            rows[src] = dst_adapter if direction == MoveDirectionality.SWAP else NO_ADAPTER
         self.size = size = batch_update.batch_size
         for layer in self.layers():
             layer.set_row_adapters(rows[:size])

