@@ -22,6 +22,8 @@ from server.completions import create_completion
 from server.errors import APIError, bad_request, model_not_found
 from server.http import check_auth, parse, read_json
 from server.openapi import install_openapi
+from server.responses import create_response, parse_responses
+from server.responses_schemas import REFUSED_RESPONSES
 from server.schemas import (
     REFUSED,
     ChatCompletionRequest,
@@ -162,6 +164,15 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         return await handle(request, "chat", ChatCompletionRequest, create_chat_completion)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        async def run(raw) -> Response:
+            body = parse_responses(raw, REFUSED_RESPONSES)
+            check_model(body.model)
+            return await create_response(state, body, request)
+
+        return await counted(request, "responses", run)
 
     def tokenizer_endpoint(tokenizer_call):
         async def run(body) -> Response:

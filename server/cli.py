@@ -94,10 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip graph capture/compilation (default: on without a GPU, where "
                         "vLLM's compiled CPU mode decodes slower and starts slower; off "
                         "with one, where CUDA graphs pay; docs/benchmarks.md)")
-    p.add_argument("--tool-call-parser", default="auto",
-                   choices=("auto", "none", "hermes", "llama3_json"),
-                   help="how tool calls are read from chat output with tool_choice 'auto' "
-                        "(auto: the format the model's chat template renders tools in)")
+    p.add_argument("--tool-call-parser", default="auto", metavar="NAME",
+                   help="how tool calls are read from chat output with tool_choice 'auto': "
+                        "any parser of the engine's registry (vLLM's tool parsers, SGLang's "
+                        "function-call parsers), auto (the format the model's chat template "
+                        "renders tools in) or none")
+    p.add_argument("--reasoning-parser", default="auto", metavar="NAME",
+                   help="how a reasoning model's reasoning is split from its answer "
+                        "(reasoning_content): any parser of the engine's registry, auto "
+                        "(from the chat template: Qwen3's, DeepSeek-R1's) or none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info")
     return p
@@ -195,6 +200,7 @@ def serve(args: argparse.Namespace, served: ServedModel) -> int:
         adapters=served.adapters, max_adapters=args.max_adapters,
         max_lora_rank=args.max_lora_rank, talan_state_slots=args.max_talan_slots,
         talan_connection_points=tuple(args.talan_connection_points),
+        reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
     )
     info = backend.info
     logger.info("serving %s in %s: TALAN %s, LoRA %s", info.name, info.dtype,
@@ -203,7 +209,7 @@ def serve(args: argparse.Namespace, served: ServedModel) -> int:
                  "per_request": "served per request"}.get(info.lora_mode, "none"))
     settings = ServerSettings(api_key=args.api_key, max_queued_requests=args.max_queued_requests,
                               max_body_bytes=args.max_body_bytes,
-                              deterministic=args.deterministic, tool_parser=args.tool_call_parser,
+                              deterministic=args.deterministic,
                               adapter_dirs=tuple(Path(d) for d in args.allowed_adapter_dirs))
     server = None
 

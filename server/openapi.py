@@ -14,6 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from server.responses_schemas import ResponseObject, ResponsesRequest
 from server.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -33,6 +34,7 @@ from server.schemas import (
 ROUTES: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel] | None]] = {
     "/v1/completions": ("post", CompletionRequest, CompletionResponse),
     "/v1/chat/completions": ("post", ChatCompletionRequest, ChatCompletionResponse),
+    "/v1/responses": ("post", ResponsesRequest, ResponseObject),
     "/tokenize": ("post", TokenizeRequest, TokenizeResponse),
     "/detokenize": ("post", DetokenizeRequest, DetokenizeResponse),
     "/v1/models": ("get", None, ModelList),

@@ -50,9 +50,7 @@ def chat_prompt(info: ModelInfo, request: ChatCompletionRequest,
         raise bad_request("continue_final_message needs add_generation_prompt: false",
                           param="continue_final_message")
     messages = [message_for_template(m) for m in request.messages]
-    options = {**(request.chat_template_kwargs or {}),
-               "add_generation_prompt": request.add_generation_prompt,
-               "continue_final_message": request.continue_final_message}
+    options = template_kwargs(request)
     if tools:
         options["tools"] = tools
     try:
@@ -61,6 +59,19 @@ def chat_prompt(info: ModelInfo, request: ChatCompletionRequest,
         raise bad_request(f"messages do not fit the chat template: {error}", "messages") from error
     # The template already wrote any special tokens (as vLLM's own server does).
     return truncated(info, request, Prompt(_encode(info, text, request.add_special_tokens), text))
+
+
+def template_kwargs(request: ChatCompletionRequest) -> dict:
+    """The chat template's arguments (what the engine's reasoning parser reads too):
+    ``chat_template_kwargs``, the generation prompt, and ``reasoning_effort``, which also
+    turns thinking off for ``none`` unless ``enable_thinking`` is given (as vLLM does)."""
+    options = {**(request.chat_template_kwargs or {}),
+               "add_generation_prompt": request.add_generation_prompt,
+               "continue_final_message": request.continue_final_message}
+    if request.reasoning_effort is not None:
+        options["reasoning_effort"] = request.reasoning_effort
+        options.setdefault("enable_thinking", request.reasoning_effort != "none")
+    return options
 
 
 def truncated(info: ModelInfo, request: CompletionRequest | ChatCompletionRequest,

@@ -167,6 +167,10 @@ class ChatMessage(_Request):
     name: StrictStr | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: StrictStr | None = None  # a tool turn: which call it answers
+    # An assistant turn's reasoning, sent back (vLLM's name, and the older one that
+    # DeepSeek's API and SGLang use); chat templates read it as ``reasoning_content``.
+    reasoning: StrictStr | None = None
+    reasoning_content: StrictStr | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -197,6 +201,9 @@ class NamedToolChoice(_Request):
     function: NamedFunction
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
     max_tokens: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)] | None = None
@@ -210,6 +217,11 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
+    # Reasoning models (with a reasoning parser): how hard to think, passed to the chat
+    # template (with enable_thinking off for "none", as vLLM does), and whether the answer
+    # carries the reasoning.
+    reasoning_effort: ReasoningEffort | None = None
+    include_reasoning: StrictBool = True
 
 
 # Fields of vLLM's OpenAI server (0.32/0.33) or of OpenAI's API that this server does not
@@ -230,8 +242,7 @@ REFUSED: dict[str, dict[str, tuple[Any, ...]]] = {
     "completions": {**_BOTH_REFUSED, "suffix": ("",), "prompt_embeds": ()},
     "chat": {**_BOTH_REFUSED, "echo": (False,), "documents": (), "chat_template": (),
              "media_io_kwargs": (), "mm_processor_kwargs": (), "return_prompt_text": (False,),
-             "reasoning_effort": (), "include_reasoning": (True,), "functions": (),
-             "function_call": ()},
+             "functions": (), "function_call": ()},
 }
 
 
@@ -295,6 +306,10 @@ class ResponseToolCall(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # A reasoning model's reasoning, split from content by the reasoning parser: under
+    # vLLM's name and under the name DeepSeek's API and SGLang use.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ResponseToolCall] = []
 
 

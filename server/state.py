@@ -9,7 +9,6 @@ from server.adapters import AdapterRegistry
 from server.backends.base import Backend
 from server.metrics import Metrics
 from server.runner import Admission
-from server.tools import parser_for
 
 
 @dataclass
@@ -19,7 +18,6 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     served_names: tuple[str, ...] = ()  # extra names accepted in the `model` field
     deterministic: bool = False
-    tool_parser: str | None = None  # "auto": from the chat template; "none": no parsing
     # Where adapters may be loaded from at run time; empty: loading at run time is off.
     adapter_dirs: tuple[Path, ...] = ()
 
@@ -37,11 +35,14 @@ class ServerState:
 
     @property
     def tool_parser(self) -> str | None:
-        """The format tool calls are read in (``server.tools``); None: tools not rendered."""
-        chosen = self.settings.tool_parser
-        if chosen in (None, "auto"):
-            return parser_for(getattr(self.backend.info.tokenizer, "chat_template", None))
-        return None if chosen == "none" else chosen
+        """The engine's tool-call parser for ``tool_choice`` auto (``server.parsing``);
+        None: tool calls are not read from the text."""
+        return self.backend.info.tool_parser
+
+    @property
+    def reasoning_parser(self) -> str | None:
+        """The engine's reasoning parser (``server.parsing``); None: no reasoning split."""
+        return self.backend.info.reasoning_parser
 
     @property
     def registry(self) -> AdapterRegistry | None:

@@ -2,7 +2,10 @@
 
 The hosts use the real transformers architectures (Qwen3, Qwen3-MoE, Llama, Qwen2) at a
 few layers and head_dim 32 (the smallest head size vLLM's CPU attention takes), with a
-byte-level BPE tokenizer trained offline on generated text and a ChatML chat template.
+byte-level BPE tokenizer trained offline on generated text and a ChatML chat template. The
+Qwen3 host is Qwen3-style in its tokenizer too: Qwen3's added tokens for thinking and tool
+calls (``<think>``, ``</think>``, ``<tool_call>``, ``</tool_call>``, not special, as in
+Qwen3) and Qwen3's own chat template (reasoning, ``enable_thinking``, tools).
 """
 
 from __future__ import annotations
@@ -42,7 +45,71 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Qwen3's chat template (Qwen/Qwen3-8B): ChatML, tools in the hermes format, an assistant
+# turn's reasoning in <think> blocks (kept for the turns after the last user query), and
+# enable_thinking=false writing an empty think block into the generation prompt.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query."
+    "\\n\\nYou are provided with function signatures within <tools></tools> XML tags:"
+    "\\n<tools>\" }}"
+    "{%- for tool in tools %}{{- \"\\n\" }}{{- tool | tojson }}{%- endfor %}"
+    "{{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": "
+    "<function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}"
+    "{%- else %}{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if ns.multi_step_tool and message.role == 'user' and message.content is string and "
+    "not(message.content.startswith('<tool_response>') and "
+    "message.content.endswith('</tool_response>')) %}"
+    "{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.content is string %}{%- set content = message.content %}"
+    "{%- else %}{%- set content = '' %}{%- endif %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{%- set reasoning_content = '' %}"
+    "{%- if message.reasoning_content is string %}"
+    "{%- set reasoning_content = message.reasoning_content %}"
+    "{%- else %}{%- if '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n')"
+    ".split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query_index %}"
+    "{%- if loop.last or (not loop.last and reasoning_content) %}"
+    "{{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n')"
+    " + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{%- if message.tool_calls %}{%- for tool_call in message.tool_calls %}"
+    "{%- if (loop.first and content) or (not loop.first) %}{{- '\\n' }}{%- endif %}"
+    "{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}"
+    "{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or (messages[loop.index0 - 1].role != 'tool') %}"
+    "{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- content }}{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen3's added tokens that are not special: they stay in decoded text, where reasoning
+# and tool-call parsers read them.
+QWEN3_ADDED_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 VOCAB_SIZE = 512
 
 _WORDS = (
@@ -73,8 +140,9 @@ def _corpus(seed: int, lines: int = 3000) -> list[str]:
     return out
 
 
-def build_tokenizer(out_dir: Path, seed: int = 0) -> Any:
-    """A byte-level BPE tokenizer with ChatML specials, trained on generated text."""
+def build_tokenizer(out_dir: Path, seed: int = 0, qwen3: bool = False) -> Any:
+    """A byte-level BPE tokenizer with ChatML specials, trained on generated text;
+    ``qwen3``: also Qwen3's added tokens and chat template (the vocabulary keeps its size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -82,7 +150,7 @@ def build_tokenizer(out_dir: Path, seed: int = 0) -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=VOCAB_SIZE - (len(QWEN3_ADDED_TOKENS) if qwen3 else 0),
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -96,6 +164,9 @@ def build_tokenizer(out_dir: Path, seed: int = 0) -> Any:
         unk_token=None,
     )
     fast.chat_template = CHAT_TEMPLATE
+    if qwen3:
+        fast.add_tokens(QWEN3_ADDED_TOKENS)
+        fast.chat_template = QWEN3_CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return fast
 
@@ -143,7 +214,7 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out, seed)
+    tokenizer = build_tokenizer(out, seed, qwen3=arch == "qwen3")
     config = tiny_host_config(arch, vocab_size=max(VOCAB_SIZE, len(tokenizer)))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

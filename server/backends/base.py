@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from server.adapters import AdapterRegistry
+from server.parsing import OutputParser, ParseRequest
 
 
 class EngineInputError(ValueError):
@@ -64,6 +65,12 @@ class SamplingOptions:
     ignore_eos: bool = False
     constraint: Constraint | None = None
     talan_enabled: bool = True  # per-request TALAN off switch
+    # On a server with a reasoning parser (ModelInfo.reasoning_parser), the engine applies
+    # ``constraint`` to what follows the reasoning; ``reasoning_ended``: the prompt already
+    # ended it (constrain from the first token). ``reasoning_kwargs``: the chat template's
+    # arguments, which the engine's own parser reads (``enable_thinking``).
+    reasoning_ended: bool | None = None
+    reasoning_kwargs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -122,6 +129,9 @@ class ModelInfo:
     lora_mode: str | None = None  # the checkpoint's LoRA: "merged", "per_request", or None
     engine: str = ""  # "vllm", ...
     engine_version: str = ""
+    # The engine's output parsers this server runs (their registry names; None: none).
+    reasoning_parser: str | None = None
+    tool_parser: str | None = None
 
 
 class Backend(Protocol):
@@ -158,6 +168,10 @@ class Backend(Protocol):
 
     async def unload_adapter(self, name: str) -> None:
         """Stop serving ``name`` once its running requests end; ``ModelNotFoundError``."""
+        ...
+
+    def output_parser(self, request: ParseRequest) -> OutputParser:
+        """One sequence's reader of reasoning and tool calls, by the engine's own parsers."""
         ...
 
     async def shutdown(self) -> None: ...

@@ -31,6 +31,7 @@ from server.backends.base import (
     SequenceDelta,
     TokenLogprob,
 )
+from server.backends.sglang_parsers import SglangParsers
 from server.backends.template import (
     BackendConfig,
     EngineBackend,
@@ -50,8 +51,10 @@ LORA_NAME = "talan"
 POOL_ENTRIES_PER_REQUEST = 4
 
 
-def engine_kwargs(config: BackendConfig, launch: EngineLaunch) -> dict:
-    """``sglang.Engine`` arguments for the engine-neutral settings and what to load."""
+def engine_kwargs(config: BackendConfig, launch: EngineLaunch,
+                  reasoning_parser: str | None = None) -> dict:
+    """``sglang.Engine`` arguments for the engine-neutral settings and what to load
+    (``reasoning_parser``: the one the server runs, which constrained decoding waits for)."""
     gpu = has_gpu()
     max_running = config.max_num_seqs or (256 if gpu else 64)
     kwargs: dict[str, Any] = dict(
@@ -96,6 +99,10 @@ def engine_kwargs(config: BackendConfig, launch: EngineLaunch) -> dict:
                       lora_target_modules=["all"], max_loras_per_batch=config.max_adapters + 1)
     if kwargs.get("enable_lora") and not gpu:
         kwargs["lora_backend"] = "torch_native"
+    if reasoning_parser is not None:
+        # A reasoning model's constraint applies to what follows its reasoning, as in
+        # SGLang's server (its grammar backend waits for the end of the reasoning).
+        kwargs["reasoning_parser"] = reasoning_parser
     kwargs.update(config.extra_engine_args)
     return kwargs
 
@@ -190,6 +197,10 @@ class SglangBackend(EngineBackend):
                              "serve many adapters on one pipeline stage (tensor "
                              "parallelism is fine), or use --engine vllm")
 
+    @classmethod
+    def parsers(cls) -> SglangParsers:
+        return SglangParsers()
+
     def lora_handle(self, lora_dir: Path) -> Any:
         return LORA_NAME  # a request names its LoRA
 
@@ -198,7 +209,8 @@ class SglangBackend(EngineBackend):
             os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         import sglang
 
-        self._engine = sglang.Engine(**engine_kwargs(self.config, launch))
+        self._engine = sglang.Engine(**engine_kwargs(self.config, launch,
+                                                     self.reasoning_parser))
         self._manager = self._engine.tokenizer_manager
         self._dead: str | None = None
         model_config = self._manager.model_config
@@ -274,6 +286,9 @@ class SglangBackend(EngineBackend):
             logprob_start_len=0 if options.prompt_logprobs is not None else -1,
             return_text_in_logprobs=True,
             lora_path=route.lora, cache_salt=request.cache_salt,
+            # The grammar (if any) waits for the end of the reasoning, as in SGLang's server.
+            require_reasoning=self.reasoning_parser is not None
+            and options.reasoning_ended is False,
         )
         text = FullText(self.info.tokenizer, options)
         first = True

@@ -12,6 +12,9 @@ full text of a sequence that stops at its length. An engine's backend
 * its engine calls: ``start_engine``, ``generate``, ``abort``, ``health``,
   ``num_unfinished``, ``shutdown``, and the four ``AdapterEngine`` calls that load and
   unload TALAN blocks and LoRAs in a running engine;
+* its engine's output parsers (``parsers``: the engine's reasoning and tool-call parser
+  registries behind ``server.parsing``), of which ``--reasoning-parser`` and
+  ``--tool-call-parser`` choose;
 * its names: ``engine``, ``engine_module`` and how to set it up (``setup_hint``).
 """
 
@@ -35,6 +38,15 @@ from server.adapters import (
     size_adapters,
 )
 from server.backends.base import ModelInfo, SequenceDelta
+from server.parsing import (
+    REASONING,
+    TOOLS,
+    OutputParser,
+    ParserChoiceError,
+    ParseRequest,
+    ParserRegistry,
+    resolve_parser,
+)
 from talan_serve.switch import switch_args
 
 
@@ -82,6 +94,10 @@ class BackendConfig:
     max_lora_rank: int | None = None  # default: the largest of the adapters given at start
     talan_state_slots: int | None = None  # default: the largest T of those adapters
     talan_connection_points: tuple[str, ...] = ()  # beyond those adapters' own
+    # The engine's output parsers: a registry name, "auto" (from the chat template) or
+    # "none"; resolved at start (``EngineBackend.reasoning_parser``, ``.tool_parser``).
+    reasoning_parser: str = "auto"
+    tool_call_parser: str = "auto"
 
     @property
     def many_adapters(self) -> bool:
@@ -168,6 +184,7 @@ class EngineBackend:
     def configure(cls, args: argparse.Namespace) -> None:
         """The policy every engine shares, on the command line's arguments; an engine adds
         its own (and calls this). Raises ``UsageError`` for what cannot be served."""
+        cls.check_parsers(args)
         gpu = has_gpu()
         if args.enforce_eager is None:
             # CUDA graphs pay on a GPU; without one, eager decodes faster and starts sooner.
@@ -185,6 +202,22 @@ class EngineBackend:
         # inherit these.
         os.environ.setdefault("MALLOC_ARENA_MAX", "2")
         os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**20))
+
+    @classmethod
+    def check_parsers(cls, args: argparse.Namespace) -> None:
+        """``--reasoning-parser`` and ``--tool-call-parser`` name parsers of this engine's
+        registries (or ``auto``, ``none``)."""
+        registry = cls.parsers()
+        for kind, chosen in ((REASONING, args.reasoning_parser), (TOOLS, args.tool_call_parser)):
+            try:
+                resolve_parser(kind, chosen, None, registry)
+            except ParserChoiceError as error:
+                raise UsageError(f"{error} (the {cls.engine} engine)") from error
+
+    @classmethod
+    def parsers(cls) -> ParserRegistry:
+        """The engine's reasoning and tool-call parsers (``server.parsing``)."""
+        raise NotImplementedError
 
     def captures_decode_graphs(self) -> bool:
         """Whether the engine captures decode steps in CUDA graphs (which then hold the
@@ -229,17 +262,30 @@ class EngineBackend:
             launch = EngineLaunch(Path(config.model_dir))
         self.checkpoint_lora = (None if launch.lora_dir is None
                                 else self.lora_handle(launch.lora_dir))
+        tokenizer = AutoTokenizer.from_pretrained(Path(config.model_dir))
+        template = getattr(tokenizer, "chat_template", None)
+        try:
+            # Resolved before the engine starts: its constrained decoding needs to know
+            # where a reasoning model's reasoning ends.
+            self.reasoning_parser = resolve_parser(REASONING, config.reasoning_parser,
+                                                   template, self.parsers())
+            self.tool_parser = resolve_parser(TOOLS, config.tool_call_parser, template,
+                                              self.parsers())
+        except ParserChoiceError as error:
+            raise UsageError(str(error)) from error
         facts = self.start_engine(launch)
         self.info = ModelInfo(
             name=config.served_name,
             max_model_len=facts.max_model_len,
-            tokenizer=AutoTokenizer.from_pretrained(Path(config.model_dir)),
+            tokenizer=tokenizer,
             vocab_size=facts.vocab_size,
             talan=self.prepared is not None and self.prepared.has_talan,
             dtype=facts.dtype,
             lora_mode=lora_mode(self.prepared),
             engine=self.engine,
             engine_version=facts.version,
+            reasoning_parser=self.reasoning_parser,
+            tool_parser=self.tool_parser,
         )
 
     def start_engine(self, launch: EngineLaunch) -> EngineFacts:
@@ -249,6 +295,9 @@ class EngineBackend:
     def lora_handle(self, lora_dir: Path) -> Any:
         """What a request carries to run one checkpoint's LoRA served per request."""
         raise NotImplementedError
+
+    def output_parser(self, request: ParseRequest) -> OutputParser:
+        return self.parsers().make(request, self.info.tokenizer)
 
     # --- routes and adapters -------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from server.backends.template import (
     UsageError,
     has_gpu,
 )
+from server.backends.vllm_parsers import VllmParsers
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,10 @@ def cpu_thread_binding(cpus: list[int], world_size: int) -> str | None:
     return "|".join(",".join(str(cpu) for cpu in group) for group in groups)
 
 
-def engine_args(config: BackendConfig, launch: EngineLaunch) -> Any:
-    """vLLM's engine arguments for the engine-neutral settings and what to load."""
+def engine_args(config: BackendConfig, launch: EngineLaunch,
+                reasoning_parser: str | None = None) -> Any:
+    """vLLM's engine arguments for the engine-neutral settings and what to load
+    (``reasoning_parser``: the one the server runs, which constrained decoding waits for)."""
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -79,9 +82,11 @@ def engine_args(config: BackendConfig, launch: EngineLaunch) -> Any:
         distributed_executor_backend=config.distributed_executor_backend,
         # Structured outputs through xgrammar (which runs on CPU too), with compact JSON: no
         # whitespace between tokens, so that a model cannot spend its max_tokens on
-        # indentation and stop mid-document.
-        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar",
-                                                          disable_any_whitespace=True),
+        # indentation and stop mid-document. A reasoning model's constraint applies to
+        # what follows its reasoning, as in vLLM's server.
+        structured_outputs_config=StructuredOutputsConfig(
+            backend="xgrammar", disable_any_whitespace=True,
+            reasoning_parser=reasoning_parser or ""),
     )
     if launch.lora_dir is not None:  # one checkpoint's LoRA, per request
         kwargs.update(enable_lora=True, max_loras=1,
@@ -195,6 +200,10 @@ class VllmBackend(EngineBackend):
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
                 logger.info("CPU threads of the engine's workers: %s", binding)
 
+    @classmethod
+    def parsers(cls) -> VllmParsers:
+        return VllmParsers()
+
     def lora_rank_for(self, rank: int) -> int:
         from talan_serve.plugins.vllm import lora_rank_for
 
@@ -212,7 +221,8 @@ class VllmBackend(EngineBackend):
         if self.config.deterministic and has_gpu():
             # vLLM's batch-invariant kernels (read at engine start).
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
-        self._llm = AsyncLLM.from_engine_args(engine_args(self.config, launch))
+        self._llm = AsyncLLM.from_engine_args(engine_args(self.config, launch,
+                                                          self.reasoning_parser))
         model_config = self._llm.model_config
         return EngineFacts(max_model_len=model_config.max_model_len,
                            vocab_size=model_config.get_vocab_size(),
@@ -231,12 +241,17 @@ class VllmBackend(EngineBackend):
         prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
+        reasoning: dict[str, Any] = {}
+        if self.reasoning_parser is not None:  # as vLLM's server tells its engine
+            reasoning = dict(reasoning_ended=request.sampling.reasoning_ended,
+                             reasoning_parser_kwargs={"chat_template_kwargs":
+                                                      request.sampling.reasoning_kwargs or {}})
         first = True
         texts: dict[int, FullText] = {}
         try:
             with self.in_flight(route):
                 async for out in self._llm.generate(prompt, params, request.request_id,
-                                                    lora_request=route.lora):
+                                                    lora_request=route.lora, **reasoning):
                     yield self._output(request, out, params, texts, first)
                     first = False
         except VllmDeadError as error:

@@ -9,6 +9,8 @@ from server.backends.base import ModelInfo
 from server.errors import APIError
 from server.http import parse
 from server.sampling import sampling_options
+from server.responses import parse_responses
+from server.responses_schemas import REFUSED_RESPONSES, ResponsesRequest
 from server.schemas import REFUSED, ChatCompletionRequest, CompletionRequest
 
 INFO = ModelInfo("m", 512, None, 100, False, "float32")
@@ -36,6 +38,28 @@ def test_every_vllm_field_is_honoured_or_refused(theirs, ours, endpoint):
     assert not field_names(ours) & set(REFUSED[endpoint])
 
 
+def test_every_vllm_responses_field_is_honoured_or_refused():
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest as Theirs
+
+    undecided = set(Theirs.model_fields) - field_names(ResponsesRequest) - set(REFUSED_RESPONSES)
+    assert not undecided
+    assert not field_names(ResponsesRequest) & set(REFUSED_RESPONSES)
+
+
+def test_responses_refusals_name_the_field():
+    for field, value in (("store", True), ("previous_response_id", "resp_1"),
+                         ("background", True), ("n", 2)):
+        with pytest.raises(APIError) as error:
+            parse_responses({"input": "a", field: value}, REFUSED_RESPONSES)
+        assert (error.value.status, error.value.param) == (400, field)
+    for field, value in (("store", False), ("background", False), ("truncation", "disabled"),
+                         ("include", []), ("n", 1)):
+        parse_responses({"input": "a", field: value}, REFUSED_RESPONSES)
+    with pytest.raises(APIError) as error:
+        parse_responses({"input": "a", "text": {"verbosity": "low"}}, REFUSED_RESPONSES)
+    assert error.value.param == "text.verbosity"
+
+
 def bad(body, model=CompletionRequest, endpoint="completions") -> APIError:
     with pytest.raises(APIError) as error:
         parse(model, body, REFUSED[endpoint])
@@ -52,7 +76,7 @@ def test_refused_fields_are_named_unless_harmless():
     for field, value in (("best_of", 1), ("use_beam_search", False), ("length_penalty", 1),
                          ("suffix", None), ("stream_interval", 1)):
         parse(CompletionRequest, {"prompt": "a", field: value}, REFUSED["completions"])
-    for field in ("chat_template", "documents", "functions", "reasoning_effort"):
+    for field in ("chat_template", "documents", "functions", "function_call"):
         error = bad({**CHAT, field: "x"}, ChatCompletionRequest, "chat")
         assert error.param == field
 
@@ -121,7 +145,8 @@ def test_openapi_describes_every_request_body():
 
     schema = create_app(Backend()).openapi()
     components = schema["components"]["schemas"]
-    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize",
+                 "/detokenize"):
         ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"][
             "schema"]["$ref"]
         assert components[ref.rsplit("/", 1)[1]]["properties"]
