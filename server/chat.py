@@ -78,7 +78,11 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> ChatSetup:
     setup = ChatSetup(prompt, plan, sampling, parse_request, body.include_reasoning,
                       body.parallel_tool_calls)
     if parse_request is not None:
-        probe = state.backend.output_parser(parse_request)
+        try:
+            probe = state.backend.output_parser(parse_request)
+        except ValueError as error:  # the engine's request model refused the conversation
+            raise bad_request(f"the engine's output parser cannot read these messages: "
+                              f"{error}", param="messages") from error
         if probe.skip_special_tokens() is False:
             sampling.skip_special_tokens = False
         if state.reasoning_parser is not None:

@@ -273,6 +273,7 @@ class EngineBackend:
                                               self.parsers())
         except ParserChoiceError as error:
             raise UsageError(str(error)) from error
+        self.check_parsers_build(tokenizer)
         facts = self.start_engine(launch)
         self.info = ModelInfo(
             name=config.served_name,
@@ -295,6 +296,23 @@ class EngineBackend:
     def lora_handle(self, lora_dir: Path) -> Any:
         """What a request carries to run one checkpoint's LoRA served per request."""
         raise NotImplementedError
+
+    def check_parsers_build(self, tokenizer: Any) -> None:
+        """Each chosen parser reads this tokenizer (some need their markers in its
+        vocabulary); refused at start, so that no request meets a parser that cannot run."""
+        for kind, name in ((REASONING, self.reasoning_parser), (TOOLS, self.tool_parser)):
+            if name is None:
+                continue
+            request = ParseRequest(reasoning=name if kind == REASONING else None,
+                                   tools=name if kind == TOOLS else None, tool_definitions=[],
+                                   messages=[{"role": "user", "content": ""}],
+                                   chat_template_kwargs={}, prompt_token_ids=[])
+            flag = "--reasoning-parser" if kind == REASONING else "--tool-call-parser"
+            try:
+                self.parsers().make(request, tokenizer)
+            except Exception as error:  # the engine's parsers raise what they like
+                raise UsageError(f"{flag} {name} cannot read this model's tokenizer: "
+                                 f"{error}") from error
 
     def output_parser(self, request: ParseRequest) -> OutputParser:
         return self.parsers().make(request, self.info.tokenizer)

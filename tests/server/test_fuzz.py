@@ -21,7 +21,7 @@ EXAMPLES = 40  # per operation and generation mode
 
 def _bounded(body):
     if isinstance(body, dict):
-        for key in ("max_tokens", "max_completion_tokens"):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             value = body.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > MAX_GENERATED:
                 body[key] = MAX_GENERATED
@@ -32,7 +32,8 @@ def test_no_request_from_the_schema_is_a_server_error(server):
     schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     paths = {op.path for op in operations}
-    assert {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"} <= paths
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize",
+            "/detokenize"} <= paths
     headers = {"Authorization": f"Bearer {API_KEY}"}
     calls = []
     for operation in operations:

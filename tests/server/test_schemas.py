@@ -8,9 +8,9 @@ import pytest
 from server.backends.base import ModelInfo
 from server.errors import APIError
 from server.http import parse
-from server.sampling import sampling_options
 from server.responses import parse_responses
 from server.responses_schemas import REFUSED_RESPONSES, ResponsesRequest
+from server.sampling import sampling_options
 from server.schemas import REFUSED, ChatCompletionRequest, CompletionRequest
 
 INFO = ModelInfo("m", 512, None, 100, False, "float32")

@@ -1,4 +1,5 @@
-"""Tool calls read out of model text: whole and streamed (no engine)."""
+"""Tool calls read out of model text, whole and streamed: forced calls by this server, and
+``auto`` by vLLM's own parsers as talan-serve composes them (no engine)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,20 @@ import json
 
 import pytest
 
+from server.backends.vllm_parsers import VllmParsers
 from server.errors import APIError
+from server.outputs import OutputReader
+from server.parsing import (
+    REASONING,
+    TOOLS,
+    ParserChoiceError,
+    ParseRequest,
+    merge_tool_deltas,
+    resolve_parser,
+)
 from server.schemas import ChatCompletionRequest
-from server.tools import StreamingToolParser, parse_tool_calls, parser_for, plan_tools
-from talan_serve.testing import CHAT_TEMPLATE
+from server.tools import StreamingToolParser, parse_tool_calls, plan_tools
+from talan_serve.testing import CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -27,8 +38,8 @@ def calls_of(calls):
     return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
 
 
-def stream(plan, text: str, step: int, parallel=None):
-    parser = StreamingToolParser(plan, parallel)
+def stream(plan, text: str, step: int):
+    parser = StreamingToolParser(plan)
     content, deltas = [], []
     for i in range(0, len(text), step):
         piece, calls = parser.feed(text[i:i + step])
@@ -44,39 +55,74 @@ HERMES_TEXT = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": 
 
 
 def test_parsers_follow_the_chat_template():
-    assert parser_for(CHAT_TEMPLATE) == "hermes"
-    assert parser_for("{{ messages }}") is None  # renders no tools
-    assert parser_for({"default": "x", "tool_use": "{% if tools %}<|python_tag|>{% endif %}"}) \
-        == "llama3_json"
+    registry = VllmParsers()
+    assert resolve_parser(TOOLS, "auto", CHAT_TEMPLATE, registry) == "hermes"
+    assert resolve_parser(TOOLS, "auto", "{{ messages }}", registry) is None  # no tools
+    assert resolve_parser(TOOLS, "auto", {"default": "x", "tool_use":
+                                          "{% if tools %}<|python_tag|>{% endif %}"},
+                          registry) == "llama3_json"
+    assert resolve_parser(REASONING, "auto", QWEN3_CHAT_TEMPLATE, registry) == "qwen3"
+    assert resolve_parser(REASONING, "auto", CHAT_TEMPLATE, registry) is None
+    assert resolve_parser(TOOLS, "none", CHAT_TEMPLATE, registry) is None
+    assert resolve_parser(TOOLS, "mistral", None, registry) == "mistral"
+    with pytest.raises(ParserChoiceError, match="--tool-call-parser nope: not in the engine"):
+        resolve_parser(TOOLS, "nope", None, registry)
 
 
-def test_auto_hermes_whole_and_streamed():
-    plan = plan_tools(request(tool_choice="auto"), "hermes")
-    content, calls = parse_tool_calls(plan, HERMES_TEXT)
-    assert content == "Let me check."
+def engine_parse(tokenizer, parser: str, text: str, step: int | None = None):
+    """``text`` through vLLM's ``parser`` as talan-serve runs it: whole, or streamed
+    ``step`` tokens at a time (deltas merged as a client does)."""
+    plan = plan_tools(request(tool_choice="auto"), parser)
+    parse_request = ParseRequest(None, parser, plan.tools, [{"role": "user", "content": "hi"}],
+                                 {}, [1, 2])
+    reader = OutputReader(VllmParsers().make(parse_request, tokenizer), plan, None, True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if step is None:
+        parsed = reader.whole(text, ids)
+        return parsed.content, parsed.tool_calls
+    content, deltas, sent = [], [], ""
+    for i in range(0, len(ids), step):
+        now = tokenizer.decode(ids[:i + step])
+        parsed = reader.delta(now[len(sent):], ids[i:i + step], i + step >= len(ids))
+        sent = now
+        if parsed is not None:
+            content.append(parsed.content or "")
+            deltas += parsed.tool_calls
+    return "".join(content), merge_tool_deltas(deltas)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model("llama"))
+
+
+def test_auto_hermes_whole_and_streamed(tokenizer):
+    content, calls = engine_parse(tokenizer, "hermes", HERMES_TEXT)
+    assert content.strip() == "Let me check."
     assert calls_of(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {})]
-    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
-    assert parse_tool_calls(plan, HERMES_TEXT, parallel=False)[1][0]["function"]["name"] == \
-        "get_weather"
-    for step in (1, 3, 7, len(HERMES_TEXT)):
-        streamed, deltas = stream(plan, HERMES_TEXT, step)
-        assert streamed == "Let me check."
-        assert [d["index"] for d in deltas] == [0, 1]
+    assert all(c["id"] and c["type"] == "function" for c in calls)
+    for step in (1, 3):
+        streamed, deltas = engine_parse(tokenizer, "hermes", HERMES_TEXT, step)
+        assert streamed.strip() == "Let me check."
         assert calls_of(deltas) == calls_of(calls)
-    # Held back: a partial "<tool" that turns out to be text comes out as text.
-    assert stream(plan, "a <tool b", 1) == ("a <tool b", [])
-    # A block that is not a call stays content.
-    assert parse_tool_calls(plan, "<tool_call>nope</tool_call>") == \
-        ("<tool_call>nope</tool_call>", [])
+    assert engine_parse(tokenizer, "hermes", "It is sunny.") == ("It is sunny.", [])
 
 
-def test_auto_llama3_json():
-    plan = plan_tools(request(), "llama3_json")  # tool_choice defaults to auto
-    text = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}'
-    assert calls_of(parse_tool_calls(plan, text)[1]) == [("get_weather", {"city": "Oslo"})]
-    assert calls_of(stream(plan, text, 4)[1]) == [("get_weather", {"city": "Oslo"})]
-    assert stream(plan, "It is sunny.", 3) == ("It is sunny.", [])
-    assert parse_tool_calls(plan, "It is sunny.") == ("It is sunny.", [])
+def test_a_parser_that_cannot_read_the_tokenizer_is_refused_at_start(tokenizer):
+    from types import SimpleNamespace
+
+    from server.backends.template import UsageError
+    from server.backends.vllm import VllmBackend
+
+    # llama3_json needs <|python_tag|> in the vocabulary, which this tokenizer lacks.
+    backend = SimpleNamespace(reasoning_parser=None, tool_parser="llama3_json",
+                              parsers=VllmParsers)
+    with pytest.raises(UsageError, match="--tool-call-parser llama3_json cannot read"):
+        VllmBackend.check_parsers_build(backend, tokenizer)
+    backend.tool_parser = "hermes"
+    VllmBackend.check_parsers_build(backend, tokenizer)
 
 
 def test_named_function_is_forced_and_streams_its_arguments():
