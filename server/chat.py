@@ -67,14 +67,15 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> ChatSetup:
     top_k = body.top_logprobs or 0
     sampling = sampling_options(body, info, max_tokens, top_k if body.logprobs else None,
                                 constraint=plan.constraint if plan else None)
-    tools = plan.parser if plan is not None and plan.mode == "auto" else None
+    auto_tools = plan is not None and plan.mode == "auto"
     parse_request = None
-    if state.reasoning_parser is not None or tools is not None:
+    if state.reasoning_parser is not None or auto_tools:
         parse_request = ParseRequest(
-            reasoning=state.reasoning_parser, tools=tools,
+            reasoning=state.reasoning_parser, tools=state.tool_parser,
             tool_definitions=plan.tools if plan else [],
             messages=[message_for_template(m) for m in body.messages],
-            chat_template_kwargs=template_kwargs(body), prompt_token_ids=prompt.token_ids)
+            chat_template_kwargs=template_kwargs(body), prompt_token_ids=prompt.token_ids,
+            auto_tools=auto_tools)
     setup = ChatSetup(prompt, plan, sampling, parse_request, body.include_reasoning,
                       body.parallel_tool_calls)
     if parse_request is not None:

@@ -174,18 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args, served)
 
 
-def serve(args: argparse.Namespace, served: ServedModel) -> int:
-    import uvicorn
-
-    from server.app import create_app
+def start_backend(args: argparse.Namespace, served: ServedModel):
+    """The engine, started with the command line's settings."""
     from server.backends import make_backend
-    from server.state import ServerSettings
 
-    logger.info("serving %s (model %s, TALAN %s) with %s", served.served_name,
-                served.model_dir, served.checkpoint or (
-                    f"adapters {', '.join(served.adapters)}" if served.adapters else "none"),
-                args.engine)
-    backend = make_backend(
+    return make_backend(
         args.engine, model_dir=served.model_dir, served_name=served.served_name,
         talan_checkpoint=served.checkpoint, merge_lora=args.merge_lora,
         max_model_len=args.max_model_len, dtype=args.dtype,
@@ -202,11 +195,29 @@ def serve(args: argparse.Namespace, served: ServedModel) -> int:
         talan_connection_points=tuple(args.talan_connection_points),
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
     )
+
+
+def serve(args: argparse.Namespace, served: ServedModel) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.state import ServerSettings
+
+    logger.info("serving %s (model %s, TALAN %s) with %s", served.served_name,
+                served.model_dir, served.checkpoint or (
+                    f"adapters {', '.join(served.adapters)}" if served.adapters else "none"),
+                args.engine)
+    try:
+        backend = start_backend(args, served)
+    except UsageError as error:  # found once the model's files are read (its parsers)
+        print(f"talan-serve: {error}", file=sys.stderr)
+        return 2
     info = backend.info
-    logger.info("serving %s in %s: TALAN %s, LoRA %s", info.name, info.dtype,
-                "on (per-request switch)" if info.talan else "none",
+    logger.info("serving %s in %s: TALAN %s, LoRA %s; parsers: reasoning %s, tool calls %s",
+                info.name, info.dtype, "on (per-request switch)" if info.talan else "none",
                 {"merged": "merged into the weights (--no-merge-lora: per request)",
-                 "per_request": "served per request"}.get(info.lora_mode, "none"))
+                 "per_request": "served per request"}.get(info.lora_mode, "none"),
+                info.reasoning_parser or "none", info.tool_parser or "none")
     settings = ServerSettings(api_key=args.api_key, max_queued_requests=args.max_queued_requests,
                               max_body_bytes=args.max_body_bytes,
                               deterministic=args.deterministic,

@@ -65,6 +65,22 @@ class LocalServer:
                 return float(line.split()[-1])
         raise KeyError(key)
 
+    def wait_healthy(self, timeout: float) -> None:
+        """Until ``/health`` answers 200 (the process stopped, or ``timeout``: an error
+        with the end of its log)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server did not start:\n{self.log.read_text()[-4000:]}")
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.terminate()
@@ -95,15 +111,5 @@ def start_local_server(
         process = subprocess.Popen(command, env={**engine_env(workdir), **(env or {})},
                                    stdout=sink, stderr=subprocess.STDOUT)
     server = LocalServer(process, f"http://127.0.0.1:{port}", log, api_key)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.stop()
-    raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
+    server.wait_healthy(timeout)
+    return server

@@ -32,8 +32,10 @@ class ParsedText:
 
 @dataclass
 class ParseRequest:
-    """What one request's parsers need: the parsers chosen (registry names; None: that
-    kind is not parsed) and the request as the chat template saw it."""
+    """What one request's parsers need: the server's parsers (registry names; None: that
+    kind is not parsed), whether this request's tool calls are read (``tool_choice``
+    ``auto``), and the request as the chat template saw it. The engines' servers build
+    their parsers from the server's choice whatever the request, so this does too."""
 
     reasoning: str | None
     tools: str | None
@@ -41,6 +43,7 @@ class ParseRequest:
     messages: list[dict]
     chat_template_kwargs: dict[str, Any]
     prompt_token_ids: list[int]
+    auto_tools: bool = False
 
 
 class OutputParser(Protocol):

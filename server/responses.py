@@ -177,7 +177,7 @@ class ResponseBuilder:
     def add_whole(self, parsed: ParsedText, status: str) -> None:
         if parsed.reasoning:
             self.items.append(self._reasoning(parsed.reasoning, status))
-        if parsed.content or not parsed.tool_calls:
+        if parsed.content or not (parsed.tool_calls or parsed.reasoning):
             self.items.append(self._message(parsed.content or "", status))
         for call in parsed.tool_calls:
             self.items.append(self._call(call["id"], call["function"]["name"],

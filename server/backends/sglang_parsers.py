@@ -59,8 +59,8 @@ class SglangOutputParser:
             self.reasoning = ReasoningParser(
                 request.reasoning, stream_reasoning=True, force_reasoning=self._force,
                 request=_sglang_request(request), tokenizer=tokenizer,
-                tool_call_parser_active=request.tools is not None)
-        if request.tools is not None:
+                tool_call_parser_active=request.tools is not None and request.auto_tools)
+        if request.tools is not None and request.auto_tools:
             tools = [Tool.model_validate(t) for t in request.tool_definitions]
             self.tools = FunctionCallParser(tools, request.tools, tokenizer=tokenizer)
 

@@ -34,7 +34,7 @@ def _vllm_request(request: ParseRequest) -> Any:
                             "chat_template_kwargs": request.chat_template_kwargs}
     if request.tool_definitions:
         body.update(tools=request.tool_definitions,
-                    tool_choice="auto" if request.tools is not None else "none")
+                    tool_choice="auto" if request.auto_tools else "none")
     return ChatCompletionRequest.model_validate(body)
 
 
@@ -53,25 +53,31 @@ class VllmOutputParser:
             tokenizer, self.vllm_request.tools,
             chat_template_kwargs=request.chat_template_kwargs)
 
-    def reasoning_ended(self) -> bool:
-        # What vLLM's server tells its engine (ChatCompletionRequest.resolve_reasoning_ended).
-        return bool(self.parser.is_reasoning_end(self.request.prompt_token_ids))
-
-    def skip_special_tokens(self) -> bool | None:
-        # vLLM's server lets its parsers adjust the request; they keep special tokens in
-        # the text when they read them (tool-call and reasoning markers may be special
-        # tokens). Only that effect is taken: the request is adjusted on a copy.
+    def _adjusted(self) -> Any:
+        # vLLM's server lets its parsers adjust the request (they keep special tokens in
+        # the text when they read them; some bring their own grammar). Only the effects
+        # below are taken from it: the request is adjusted on a copy.
         request = self.vllm_request.model_copy()
         for parser in (self.parser.reasoning_parser, self.parser.tool_parser):
             if parser is not None:
                 request = parser.adjust_request(request)
-        return None if request.skip_special_tokens else False
+        return request
+
+    def reasoning_ended(self) -> bool:
+        # What vLLM's server tells its engine (ChatCompletionRequest.resolve_reasoning_ended).
+        return bool(self._adjusted().resolve_reasoning_ended(
+            self.parser, self.request.prompt_token_ids))
+
+    def skip_special_tokens(self) -> bool | None:
+        return None if self._adjusted().skip_special_tokens else False
 
     def count_reasoning_tokens(self, token_ids: list[int]) -> int:
         return int(self.parser.count_reasoning_tokens(token_ids))
 
     def parse(self, text: str, token_ids: list[int]) -> ParsedText:
         self.parser.set_prompt_token_ids(self.request.prompt_token_ids)
+        # As vLLM's server with --enable-auto-tool-choice: the request's tool_choice says
+        # whether calls are read.
         reasoning, content, calls = self.parser.parse(
             text, self.vllm_request, enable_auto_tools=self.request.tools is not None,
             model_output_token_ids=token_ids)

@@ -95,16 +95,15 @@ def test_a_tool_call_makes_the_round_trip(client):
                              "name": call.name, "arguments": call.arguments},
                  {"type": "function_call_output", "call_id": call.call_id,
                   "output": "18 degrees"}]
-    again = client.responses.create(model=SERVED_NAME, input=follow_up, tools=[WEATHER],
-                                    max_output_tokens=8, temperature=0, tool_choice="none")
-    chat_tool = {"type": "function", "function": {k: v for k, v in WEATHER.items()
-                                                  if k != "type"}}
+    # (Without the tools: their description would overflow the tiny model's context.)
+    again = client.responses.create(model=SERVED_NAME, input=follow_up, max_output_tokens=8,
+                                    temperature=0)
     choice, usage = chat_text(
         client, [*question, {"role": "assistant", "content": None, "tool_calls": [
             {"id": call.call_id, "type": "function",
              "function": {"name": call.name, "arguments": call.arguments}}]},
                  {"role": "tool", "tool_call_id": call.call_id, "content": "18 degrees"}],
-        max_tokens=8, tools=[chat_tool], tool_choice="none")
+        max_tokens=8)
     assert again.output_text == choice.message.content
     assert again.usage.input_tokens == usage.prompt_tokens
 

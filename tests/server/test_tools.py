@@ -74,7 +74,7 @@ def engine_parse(tokenizer, parser: str, text: str, step: int | None = None):
     ``step`` tokens at a time (deltas merged as a client does)."""
     plan = plan_tools(request(tool_choice="auto"), parser)
     parse_request = ParseRequest(None, parser, plan.tools, [{"role": "user", "content": "hi"}],
-                                 {}, [1, 2])
+                                 {}, [1, 2], auto_tools=True)
     reader = OutputReader(VllmParsers().make(parse_request, tokenizer), plan, None, True)
     ids = tokenizer.encode(text, add_special_tokens=False)
     if step is None:

@@ -1,0 +1,219 @@
+"""Reasoning and tool calls split as vLLM's own OpenAI server splits them.
+
+One tiny Qwen3-style model (Qwen3's think and tool-call tokens, Qwen3's chat template)
+is served by vLLM's own OpenAI server with ``--reasoning-parser qwen3 --tool-call-parser
+qwen3_coder``, then by talan-serve with ``--tool-call-parser qwen3_coder`` and the reasoning
+parser that ``auto`` finds in the chat template (one server at a time: the cases run on
+vLLM's first and its answers are kept). Each case's output is forced, by constrained decoding or
+by the tokens it may use, so that the split shows reasoning and content (or a call); both
+servers run it greedily, whole and streamed, and must give the same split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.backends.vllm import cpu_thread_binding
+from server.local import LocalServer, engine_env, free_port
+from server.parsing import merge_tool_deltas
+from tests.server.support import MAX_LEN, SERVED_NAME, start_server
+
+pytestmark = pytest.mark.slow
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CHOICE = {"type": "object", "properties": {"pick": {"type": "string", "enum": ["red", "blue"]}},
+          "required": ["pick"], "additionalProperties": False}
+QUESTION = [{"role": "user", "content": "the water home first"}]
+# Qwen3-Coder's XML call (vLLM's qwen3_coder parser, beyond hermes and llama3_json).
+CALL_TEXT = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+             "</function>\n</tool_call>")
+
+
+def cases(tokenizer) -> dict[str, dict]:
+    """Chat requests whose outputs are forced (greedy, and by tokens or a grammar)."""
+    think_end = tokenizer.convert_tokens_to_ids("</think>")
+    words = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" the", " water")]
+    end_first = {str(think_end): 100}  # the reasoning ends at once; the grammar follows
+    return {
+        # Reasoning, then </think>, then content: the tokens it may use are few.
+        "split": dict(max_tokens=24, allowed_token_ids=[*words, think_end]),
+        # Cut short inside the reasoning: all of it is reasoning.
+        "reasoning_only": dict(max_tokens=8),
+        # enable_thinking false: the template closes the reasoning, the grammar starts at once.
+        "thinking_off": dict(max_tokens=24, chat_template_kwargs={"enable_thinking": False},
+                             response_format={"type": "json_schema", "json_schema": {
+                                 "name": "pick", "schema": CHOICE}}),
+        # The JSON schema applies to the content after the reasoning.
+        "schema_after_reasoning": dict(max_tokens=24, logit_bias=end_first,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "pick", "schema": CHOICE}}),
+        # A call after the reasoning, forced by a regular expression (the text has no
+        # character that is special in one).
+        "tool_call": dict(max_tokens=80, logit_bias=end_first, tools=[WEATHER],
+                          tool_choice="auto", structured_outputs={"regex": CALL_TEXT}),
+    }
+
+
+def whole(client: httpx.Client, request: dict) -> dict:
+    response = client.post("/v1/chat/completions", json=request)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    message = choice["message"]
+    return {"reasoning": message.get("reasoning_content") or message.get("reasoning"),
+            "content": message["content"], "finish_reason": choice["finish_reason"],
+            "tool_calls": [(c["function"]["name"], c["function"]["arguments"])
+                           for c in message.get("tool_calls") or []]}
+
+
+def streamed(client: httpx.Client, request: dict) -> dict:
+    reasoning, content, calls, finish = [], [], [], None
+    with client.stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                delta = choice["delta"]
+                reasoning.append(delta.get("reasoning_content") or delta.get("reasoning") or "")
+                content.append(delta.get("content") or "")
+                calls += delta.get("tool_calls") or []
+                finish = choice["finish_reason"] or finish
+    return {"reasoning": "".join(reasoning) or None, "content": "".join(content) or None,
+            "finish_reason": finish,
+            "tool_calls": [(c["function"]["name"], c["function"]["arguments"])
+                           for c in merge_tool_deltas(calls)]}
+
+
+def answers(base_url: str, requests: dict[str, dict], headers: dict | None = None) -> dict:
+    out = {}
+    with httpx.Client(base_url=base_url, timeout=120, headers=headers or {}) as client:
+        for name, fields in requests.items():
+            request = {"model": SERVED_NAME, "messages": QUESTION, "temperature": 0, **fields}
+            out[name] = {"whole": whole(client, request), "streamed": streamed(client, request)}
+    return out
+
+
+def start_vllm(model: Path, workdir: Path) -> LocalServer:
+    """vLLM's own OpenAI server with the engine settings of talan-serve --deterministic."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "vllm.log"
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--port", str(port), "--served-model-name", SERVED_NAME, "--dtype", "float32",
+               "--max-model-len", str(MAX_LEN), "--enforce-eager", "--seed", "0",
+               "--max-num-seqs", "1", "--no-enable-prefix-caching",
+               "--structured-outputs-config.backend", "xgrammar",
+               "--structured-outputs-config.disable_any_whitespace", "true",
+               "--reasoning-parser", "qwen3", "--enable-auto-tool-choice",
+               "--tool-call-parser", "qwen3_coder"]
+    env = engine_env(workdir)
+    # The CPU threads talan-serve gives its engine (vLLM's own default binds one core).
+    binding = cpu_thread_binding(sorted(os.sched_getaffinity(0)), 1)
+    if binding is not None:
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)
+    with log.open("w") as sink:
+        # Its own process group: stopping it stops its engine process too.
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = LocalServer(process, f"http://127.0.0.1:{port}", log)
+    try:
+        server.wait_healthy(300)
+    except RuntimeError:
+        stop_group(server)
+        raise
+    return server
+
+
+def stop_group(server: LocalServer) -> None:
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model) -> Path:
+    return tiny_model("qwen3")
+
+
+@pytest.fixture(scope="module")
+def requests(model) -> dict[str, dict]:
+    from transformers import AutoTokenizer
+
+    return cases(AutoTokenizer.from_pretrained(model))
+
+
+@pytest.fixture(scope="module")
+def vllm_answers(model, requests, tmp_path_factory) -> dict:
+    server = start_vllm(model, tmp_path_factory.mktemp("vllm-serve"))
+    try:
+        return answers(server.base_url, requests)
+    finally:
+        stop_group(server)
+
+
+@pytest.fixture(scope="module")
+def talan(model, vllm_answers, tmp_path_factory):
+    # After vLLM's server stopped: one engine at a time.
+    server = start_server(model, tmp_path_factory.mktemp("talan-serve"), "--deterministic",
+                          "--tool-call-parser", "qwen3_coder")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def talan_answers(talan, requests) -> dict:
+    return answers(talan.base_url, requests,
+                   {"Authorization": f"Bearer {talan.api_key}"})
+
+
+def test_responses_reasoning_item(talan, requests, vllm_answers):
+    """The Responses API gives a reasoning model's reasoning as a reasoning item."""
+    expected = vllm_answers["reasoning_only"]["whole"]["reasoning"]
+    client = talan.openai()
+    kwargs = dict(model=SERVED_NAME, input=QUESTION, temperature=0, max_output_tokens=8)
+    response = client.responses.create(**kwargs)
+    (item,) = response.output
+    assert item.type == "reasoning" and item.content[0].text == expected
+    assert response.usage.output_tokens_details.reasoning_tokens == 8
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") \
+        == expected
+    assert events[-1].type == "response.completed"
+
+
+@pytest.mark.parametrize("case", ["split", "reasoning_only", "thinking_off",
+                                  "schema_after_reasoning", "tool_call"])
+def test_split_equals_vllm(case, vllm_answers, talan_answers):
+    theirs, ours = vllm_answers[case], talan_answers[case]
+    assert ours == theirs
+    # The cases do what they are for (on both servers, as they are equal).
+    got = ours["whole"]
+    if case == "split":
+        assert got["reasoning"] and got["content"]
+    elif case == "reasoning_only":
+        assert got["reasoning"] and got["content"] is None and got["finish_reason"] == "length"
+    elif case == "thinking_off":
+        assert got["reasoning"] is None and json.loads(got["content"])["pick"] in ("red", "blue")
+    elif case == "schema_after_reasoning":
+        assert json.loads(got["content"])["pick"] in ("red", "blue")
+    else:
+        ((name, arguments),) = got["tool_calls"]
+        assert (name, json.loads(arguments)) == ("get_weather", {"city": "Paris"})
+        assert got["finish_reason"] == "tool_calls"
+    # Streamed deltas assemble into the whole answer.
+    assert ours["streamed"] == ours["whole"]
