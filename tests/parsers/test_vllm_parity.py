@@ -42,11 +42,14 @@ CALL_TEXT = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</pa
 def cases(tokenizer) -> dict[str, dict]:
     """Chat requests whose outputs are forced (greedy, and by tokens or a grammar)."""
     think_end = tokenizer.convert_tokens_to_ids("</think>")
-    words = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" the", " water")]
+    (word,) = tokenizer.encode(" call", add_special_tokens=False)
     end_first = {str(think_end): 100}  # the reasoning ends at once; the grammar follows
     return {
-        # Reasoning, then </think>, then content: the tokens it may use are few.
-        "split": dict(max_tokens=24, allowed_token_ids=[*words, think_end]),
+        # Reasoning, then </think>, then content: two tokens allowed, and a bias that
+        # makes this model's greedy choice alternate between them (its second token ends
+        # the reasoning; the later </think> tokens are dropped, as vLLM's parser does).
+        "split": dict(max_tokens=16, allowed_token_ids=[word, think_end],
+                      logit_bias={str(think_end): -2}),
         # Cut short inside the reasoning: all of it is reasoning.
         "reasoning_only": dict(max_tokens=8),
         # enable_thinking false: the template closes the reasoning, the grammar starts at once.
@@ -57,10 +60,11 @@ def cases(tokenizer) -> dict[str, dict]:
         "schema_after_reasoning": dict(max_tokens=24, logit_bias=end_first,
                                        response_format={"type": "json_schema", "json_schema": {
                                            "name": "pick", "schema": CHOICE}}),
-        # A call after the reasoning, forced by a regular expression (the text has no
-        # character that is special in one).
-        "tool_call": dict(max_tokens=80, logit_bias=end_first, tools=[WEATHER],
-                          tool_choice="auto", structured_outputs={"regex": CALL_TEXT}),
+        # A call, forced by a regular expression (the text has no character that is
+        # special in one) from the first token: thinking off.
+        "tool_call": dict(max_tokens=80, chat_template_kwargs={"enable_thinking": False},
+                          tools=[WEATHER], tool_choice="auto",
+                          structured_outputs={"regex": CALL_TEXT}),
     }
 
 
@@ -127,7 +131,7 @@ def start_vllm(model: Path, workdir: Path) -> LocalServer:
                                    start_new_session=True)
     server = LocalServer(process, f"http://127.0.0.1:{port}", log)
     try:
-        server.wait_healthy(300)
+        server.wait_healthy(600)  # a busy machine slows its start
     except RuntimeError:
         stop_group(server)
         raise
@@ -135,6 +139,13 @@ def start_vllm(model: Path, workdir: Path) -> LocalServer:
 
 
 def stop_group(server: LocalServer) -> None:
+    """The server and every process it started (its engine's may leave its group)."""
+    import psutil
+
+    try:
+        children = psutil.Process(server.process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
     if server.process.poll() is None:
         os.killpg(server.process.pid, signal.SIGTERM)
         try:
@@ -142,6 +153,9 @@ def stop_group(server: LocalServer) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    for child in alive:
+        child.kill()
 
 
 @pytest.fixture(scope="module")
