@@ -2,10 +2,11 @@
 
 The hosts use the real transformers architectures (Qwen3, Qwen3-MoE, Llama, Qwen2) at a
 few layers and head_dim 32 (the smallest head size vLLM's CPU attention takes), with a
-byte-level BPE tokenizer trained offline on generated text and a ChatML chat template. The
-Qwen3 host is Qwen3-style in its tokenizer too: Qwen3's added tokens for thinking and tool
-calls (``<think>``, ``</think>``, ``<tool_call>``, ``</tool_call>``, not special, as in
-Qwen3) and Qwen3's own chat template (reasoning, ``enable_thinking``, tools).
+byte-level BPE tokenizer trained offline on generated text and a ChatML chat template.
+``qwen3-thinking`` is the Qwen3 host made Qwen3-style in its tokenizer too: Qwen3's added
+tokens for thinking and tool calls (``<think>``, ``</think>``, ``<tool_call>``,
+``</tool_call>``, not special, as in Qwen3) and Qwen3's own chat template (reasoning,
+``enable_thinking``, tools).
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # and tool-call parsers read them.
 QWEN3_ADDED_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 VOCAB_SIZE = 512
+# The Qwen3 host with Qwen3's thinking and tool-call tokens and Qwen3's chat template (the
+# plain "qwen3" host keeps the ChatML template, which the other tests' prompts rely on).
+THINKING_HOST = "qwen3-thinking"
 
 _WORDS = (
     "the a of to and in is it you that he was for on are with as his they be at one have "
@@ -207,15 +211,18 @@ TINY_ARCHS = ("qwen3", "qwen3_moe", "llama", "qwen2")
 
 
 def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random-weight HF model + tokenizer to ``out_dir`` (cached if present)."""
+    """Write a tiny random-weight HF model + tokenizer to ``out_dir`` (cached if present);
+    ``arch`` ``THINKING_HOST``: the Qwen3 host with Qwen3's tokens and chat template."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out, seed, qwen3=arch == "qwen3")
-    config = tiny_host_config(arch, vocab_size=max(VOCAB_SIZE, len(tokenizer)))
+    thinking = arch == THINKING_HOST
+    tokenizer = build_tokenizer(out, seed, qwen3=thinking)
+    config = tiny_host_config("qwen3" if thinking else arch,
+                              vocab_size=max(VOCAB_SIZE, len(tokenizer)))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = config.eos_token_id

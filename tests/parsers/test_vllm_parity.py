@@ -24,6 +24,7 @@ import pytest
 from server.backends.vllm import cpu_thread_binding
 from server.local import LocalServer, engine_env, free_port
 from server.parsing import merge_tool_deltas
+from talan_serve.testing import THINKING_HOST
 from tests.server.support import MAX_LEN, SERVED_NAME, start_server
 
 pytestmark = pytest.mark.slow
@@ -160,7 +161,7 @@ def stop_group(server: LocalServer) -> None:
 
 @pytest.fixture(scope="module")
 def model(tiny_model) -> Path:
-    return tiny_model("qwen3")
+    return tiny_model(THINKING_HOST)
 
 
 @pytest.fixture(scope="module")
