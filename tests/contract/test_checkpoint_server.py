@@ -5,9 +5,10 @@ the LoRA merged into the weights at load, the default), and a second with the Lo
 per request (``--no-merge-lora``). Against the transformers reference
 (``talan_serve.reference.load_reference``: HF + PEFT + TALAN, full-sequence forward): the
 OpenAI SDK's greedy completions, streamed and not, equal it (ids, logprobs within 1e-4)
-with TALAN on and off; so do chat, echoed prompt logprobs and lm-eval's loglikelihood
-through the server (against its ``hf`` backend on the reference). Malformed requests get
-no 5xx; abandoned streams are aborted in the engine.
+with TALAN on and off; so do chat (and the Responses API, which gives chat's text), echoed
+prompt logprobs and lm-eval's loglikelihood through the server (against its ``hf`` backend
+on the reference). Malformed requests get no 5xx; abandoned streams are aborted in the
+engine.
 """
 
 from __future__ import annotations
@@ -134,6 +135,26 @@ def test_chat_equals_reference(client, reference):
                                               extra_body={"ignore_eos": True})
     assert response.choices[0].message.content == tokenizer.decode(want_ids,
                                                                    skip_special_tokens=True)
+
+
+def test_responses_equal_chat(client):
+    """POST /v1/responses serves the chat completion's text, whole and streamed, with
+    TALAN on and off (the ``talan`` field as in the other endpoints)."""
+    question = "What is two plus three?"
+    for enabled in (True, False):
+        extra = {"ignore_eos": True, "talan": {"enabled": enabled}}
+        chat = client.chat.completions.create(
+            model=SERVED_NAME, messages=[{"role": "user", "content": question}], max_tokens=10,
+            temperature=0, extra_body=extra).choices[0].message.content
+        kwargs = dict(model=SERVED_NAME, input=question, max_output_tokens=10, temperature=0,
+                      extra_body=extra)
+        response = client.responses.create(**kwargs)
+        assert response.output_text == chat and response.usage.output_tokens == 10
+        with client.responses.stream(**kwargs) as stream:
+            events = list(stream)
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") \
+            == chat
+        assert events[-1].type == "response.completed"
 
 
 def test_echo_logprobs_equal_reference_forward(client, reference):
