@@ -152,8 +152,9 @@ async def create_chat_completion(
         rendered = []
         for i, c in choices.items():
             parsed = c.reader.whole("".join(c.text), c.token_ids)
+            reason = c.reader.finish_reason(c.finish_reason, whole=True)
             rendered.append({"index": i, "logprobs": {"content": c.logprobs} if with_logprobs
-                             else None, "finish_reason": c.reader.finish_reason(c.finish_reason),
+                             else None, "finish_reason": reason,
                              "message": {"role": "assistant", "content": parsed.content,
                                          **message_fields(parsed),
                                          "tool_calls": parsed.tool_calls}})

@@ -68,13 +68,16 @@ class OutputReader:
         """How many of a sequence's tokens are its reasoning (by the engine's parser)."""
         return 0 if self.parser is None else self.parser.count_reasoning_tokens(token_ids)
 
-    def finish_reason(self, reason: str | None) -> str | None:
+    def finish_reason(self, reason: str | None, whole: bool = False) -> str | None:
         """OpenAI's finish reason: ``tool_calls`` when ``auto`` or ``required`` called tools,
-        ``stop`` for a named function (as vLLM's server does); an abort is a ``stop``."""
+        ``stop`` for a named function; an abort is a ``stop``. As vLLM's server: a whole
+        answer whose ``auto`` calls were read says ``tool_calls`` even when cut at its
+        length, a stream only when the output stopped."""
         if reason is None:
             return None
         reason = "stop" if reason == "abort" else reason
-        if self.plan is not None and self.called and self.plan.mode != "named" \
-                and reason == "stop":
+        if self.plan is None or not self.called or self.plan.mode == "named":
+            return reason
+        if reason == "stop" or (whole and self.plan.mode == "auto"):
             return "tool_calls"
         return reason
