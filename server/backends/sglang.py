@@ -69,6 +69,9 @@ def engine_kwargs(config: BackendConfig, launch: EngineLaunch,
         max_mamba_cache_size=max_running * POOL_ENTRIES_PER_REQUEST,
         # Each streamed output carries only what is new (tokens, text, logprobs).
         incremental_streaming_output=True,
+        # Compact JSON under a JSON constraint, as on vLLM: a model cannot spend its
+        # max_tokens on whitespace and stop mid-document.
+        constrained_json_disable_any_whitespace=True,
         log_level="warning",
     )
     if not gpu:

@@ -89,7 +89,7 @@ class SglangOutputParser:
         if self.tools is not None and self.tools.has_tool_call(text):
             text, items = self.tools.parse_non_stream(text)
             calls = [_whole_call(item) for item in items]
-        return ParsedText(reasoning or None, text, calls)
+        return ParsedText(reasoning or None, text or None, calls)
 
     def parse_delta(self, text: str, token_ids: list[int], finished: bool) -> ParsedText | None:
         reasoning, content = None, text
