@@ -108,7 +108,8 @@ def answers(base_url: str, requests: dict[str, dict], headers: dict | None = Non
     return out
 
 
-def start_vllm(model: Path, workdir: Path) -> LocalServer:
+def start_vllm(model: Path, workdir: Path, tool_parser: str = "qwen3_coder",
+               reasoning_parser: str | None = "qwen3") -> LocalServer:
     """vLLM's own OpenAI server with the engine settings of talan-serve --deterministic."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +120,8 @@ def start_vllm(model: Path, workdir: Path) -> LocalServer:
                "--max-num-seqs", "1", "--no-enable-prefix-caching",
                "--structured-outputs-config.backend", "xgrammar",
                "--structured-outputs-config.disable_any_whitespace", "true",
-               "--reasoning-parser", "qwen3", "--enable-auto-tool-choice",
-               "--tool-call-parser", "qwen3_coder"]
+               *(["--reasoning-parser", reasoning_parser] if reasoning_parser else []),
+               "--enable-auto-tool-choice", "--tool-call-parser", tool_parser]
     env = engine_env(workdir)
     # The CPU threads talan-serve gives its engine (vLLM's own default binds one core).
     binding = cpu_thread_binding(sorted(os.sched_getaffinity(0)), 1)
@@ -240,3 +241,86 @@ def test_split_equals_vllm(case, vllm_answers, talan_answers):
     same = ("reasoning", "tool_calls") if case == "tool_call" else \
         ("reasoning", "content", "tool_calls")
     assert {k: ours["streamed"][k] for k in same} == {k: got[k] for k in same}
+
+
+# ---- more of the registry's tool-call parsers: vLLM's server against the same parsing in
+# talan-serve (``server.outputs.OutputReader`` over ``VllmParsers``) on the same tokens ------
+
+FORCED_CALLS = {
+    "pythonic": "[get_weather(city='Paris')]",
+    "xlam": '[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FORCED_CALLS))
+def vllm_call(request, model, talan, tmp_path_factory):
+    """``(parser, request, vLLM's chat response, its streamed split)`` for a forced call;
+    this module's talan-serve is stopped first (one engine at a time; these tests run
+    last)."""
+    import re
+
+    talan.stop()
+    parser = request.param
+    server = start_vllm(model, tmp_path_factory.mktemp(f"vllm-{parser}"), tool_parser=parser,
+                        reasoning_parser=None)
+    body = {"model": SERVED_NAME, "messages": QUESTION, "temperature": 0, "max_tokens": 60,
+            "tools": [WEATHER], "tool_choice": "auto", "return_token_ids": True,
+            "chat_template_kwargs": {"enable_thinking": False},
+            "structured_outputs": {"regex": re.escape(FORCED_CALLS[parser])}}
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=120) as client:
+            response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            yield parser, body, response.json(), streamed(client, body)
+    finally:
+        stop_group(server)
+
+
+def test_more_tool_parsers_equal_vllm(vllm_call, model):
+    from transformers import AutoTokenizer
+
+    from server.backends.vllm_parsers import VllmParsers
+    from server.outputs import OutputReader
+    from server.parsing import ParseRequest
+    from server.prompts import template_kwargs
+    from server.schemas import ChatCompletionRequest
+    from server.tools import plan_tools
+
+    parser, body, theirs, theirs_streamed = vllm_call
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    chat = ChatCompletionRequest.model_validate(
+        {k: v for k, v in body.items() if k not in ("return_token_ids",)})
+    plan = plan_tools(chat, parser)
+    choice = theirs["choices"][0]
+    ids = choice["token_ids"]
+    request = ParseRequest(None, parser, plan.tools, QUESTION, template_kwargs(chat),
+                           theirs["prompt_token_ids"], auto_tools=True)
+
+    def reader() -> OutputReader:
+        return OutputReader(VllmParsers().make(request, tokenizer), plan, None, True)
+
+    # The text as the engine detokenizes it for this server (the parsers' choice).
+    skip = VllmParsers().make(request, tokenizer).skip_special_tokens() is not False
+
+    def decode(upto: int) -> str:
+        return tokenizer.decode(ids[:upto], skip_special_tokens=skip)
+
+    text = decode(len(ids))
+
+    ours = reader().whole(text, ids)
+    message = choice["message"]
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+             for c in message["tool_calls"]]
+    assert calls == [("get_weather", {"city": "Paris"})]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in ours.tool_calls] == calls
+    assert ours.content == message["content"]
+    # Streamed one token at a time, as vLLM's server streams it.
+    stream, deltas, sent = reader(), [], ""
+    for i in range(len(ids)):
+        now = decode(i + 1)
+        parsed = stream.delta(now[len(sent):], ids[i:i + 1], i + 1 == len(ids))
+        sent = now
+        deltas += parsed.tool_calls if parsed is not None else []
+    assert [(c["function"]["name"], c["function"]["arguments"])
+            for c in merge_tool_deltas(deltas)] == theirs_streamed["tool_calls"]
