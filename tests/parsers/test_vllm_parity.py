@@ -6,7 +6,9 @@ qwen3_coder``, then by talan-serve with ``--tool-call-parser qwen3_coder`` and t
 parser that ``auto`` finds in the chat template (one server at a time: the cases run on
 vLLM's first and its answers are kept). Each case's output is forced, by constrained decoding or
 by the tokens it may use, so that the split shows reasoning and content (or a call); both
-servers run it greedily, whole and streamed, and must give the same split.
+servers run it greedily, whole and streamed, and must give the same split. Two more of
+the registry's tool-call parsers (``pythonic``, ``xlam``) get a vLLM server each, whose
+forced call talan-serve's parsing must read the same from the same tokens.
 """
 
 from __future__ import annotations
