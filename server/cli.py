@@ -37,11 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-adapters", type=int, default=8,
                    help="adapters loaded at once (and LoRAs in one batch) on a server of many")
     p.add_argument("--max-lora-rank", type=int, default=None,
-                   help="largest LoRA rank an adapter may have (default: the largest given "
-                        "with --adapters)")
+                   help="largest LoRA rank an adapter may have (default: the largest of "
+                        "--adapters and of the --adapter-dir checkpoints there at start)")
     p.add_argument("--max-talan-slots", type=int, default=None,
                    help="slots of each request's TALAN state: the largest T an adapter "
-                        "may have (default: the largest given with --adapters)")
+                        "may have (default: the largest of --adapters and of the "
+                        "--adapter-dir checkpoints there at start)")
     p.add_argument("--talan-connection-points", nargs="+", default=(), metavar="POINT",
                    help="connection points (embedding, layer_N) to run side paths at, beyond "
                         "those of the adapters given at start; with none given, this alone "

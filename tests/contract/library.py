@@ -32,6 +32,8 @@ REFUSED_FOLDERS = {
                     "summarize.slot_queries has shape (4, 128)"),
     "lora_off_base": (400, "invalid_adapter", "checkpoint",
                       "do not fit the base model's weight"),
+    "talan_off_base": (400, "invalid_adapter", "checkpoint",
+                       "does not fit the host model, whose hidden size is"),
     "too_many_slots": (400, "invalid_adapter", "unfit",
                        "n_themes 5 is above the 4 state slots"),
     "escape": (403, "adapter_path_not_allowed", "path", "a symlink that leads out of"),
@@ -102,6 +104,12 @@ def build_hostile(directory: Path, source: Path, outside: Path) -> None:
     config.save(wide)
     save_file(TalanBlock(config).state_dict(), str(wide / WEIGHTS_NAME))
     reseal_checkpoint(wide)
+    # Consistent in itself, for a base model twice as wide as the server's.
+    off_base = copy("talan_off_base")
+    config = TalanConfig.from_dict({**record, "hidden_size": 2 * record["hidden_size"]})
+    config.save(off_base)
+    save_file(TalanBlock(config).state_dict(), str(off_base / WEIGHTS_NAME))
+    reseal_checkpoint(off_base)
     os.symlink(outside, directory / "escape")  # a whole folder elsewhere
     inner = copy("inner_link")  # one file of it elsewhere
     (inner / WEIGHTS_NAME).unlink()

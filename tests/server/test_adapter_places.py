@@ -22,6 +22,7 @@ from server.adapter_cache import AdapterCache
 from server.adapter_dir import AdapterDirectory
 from server.adapter_errors import AdapterError, AdapterQueueFull, AdapterRefused
 from server.adapters import AdapterRegistry, OnDemand, ServedAdapters
+from server.errors import adapter_queue_full
 from talan_serve.adapter_files import AdapterWeights, BaseWeights
 from talan_serve.adapter_spec import AdapterSetSpec
 from talan_serve.block import TalanBlock
@@ -195,8 +196,11 @@ def test_requests_waiting_for_their_adapter_are_bounded(library):
         async with adapters.serving("a", True):
             waiting = [asyncio.create_task(use(adapters, n)) for n in ("b", "c")]
             await asyncio.sleep(0.05)
-            with pytest.raises(AdapterQueueFull, match="2 requests are waiting"):
+            with pytest.raises(AdapterQueueFull, match="2 requests are waiting") as full:
                 await use(adapters, "d")
+            answer = adapter_queue_full(full.value)  # what the client gets, as the rest 429
+            assert (answer.status, answer.headers) == (429, {"Retry-After": "1"})
+            assert answer.body()["error"]["code"] == "adapter_queue_full"
             waiting[1].cancel()  # a client that leaves gives its place in the queue back
             await asyncio.sleep(0.05)
             assert adapters._waiting == 1
