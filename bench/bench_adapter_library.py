@@ -9,7 +9,9 @@ through the HTTP server:
   request's adapter drawn from Zipf(``--zipf``) over the library, against the same
   requests all sent to one adapter (the most popular), in ABBA order on the same server;
 * load latency from disk (read and validated) and from the host cache (an evicted
-  adapter coming back), p50 and p95, from the server's own log of each load;
+  adapter coming back), p50 and p95, from the server's own log of each load: on an idle
+  engine (``--max-adapters`` + 2 adapters asked for one at a time, twice, before the
+  traffic) and under the traffic;
 * the decode step while a load runs: ``--streams`` streaming requests on one resident
   adapter, the gaps between their tokens, while adapters of another folder are loaded
   and unloaded back to back (``/v1/load_lora_adapter``, read from disk each time),
@@ -233,11 +235,24 @@ async def probe(url: str, model: str, args: argparse.Namespace, probes: Path, lo
             "loads": len(loads)}
 
 
-def loads_in_log(log: Path) -> dict[str, list[float]]:
+def idle_loads(url: str, names: list[str], rounds: int = 2) -> None:
+    """Each of ``names`` asked for one token, one request at a time, ``rounds`` times:
+    with more names than places, each is loaded (from disk, then from the cache) while
+    the engine has nothing else to do."""
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for _ in range(rounds):
+            for name in names:
+                response = client.post("/v1/completions", json={
+                    "model": name, "prompt": prompt_of(0), "max_tokens": 1})
+                if response.status_code != 200:
+                    raise RuntimeError(f"{name}: {response.status_code} {response.text}")
+
+
+def loads_in_log(text: str) -> dict[str, list[float]]:
     """Seconds of each load the server logged: the library's on-demand loads by source,
     and the probe's (from disk, while its streams run)."""
     found: dict[str, list[float]] = {"disk": [], "cache": [], "probe": []}
-    for match in LOAD_LINE.finditer(log.read_text()):
+    for match in LOAD_LINE.finditer(text):
         found["probe" if match[1] == "probe" else match[2]].append(float(match[3]))
     return found
 
@@ -272,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                     len(models), len(set(models)), popular, models.count(popular))
         process, url, log = start_server(args, work, library, probes)
         try:
+            idle_names = names[-(args.max_adapters + 2):]  # the tail: rare in the traffic
+            logger.info("idle loads: %s, one request at a time, twice", ", ".join(idle_names))
+            idle_loads(url, idle_names)
+            idle_end = len(log.read_text())
             logger.info("warm-up: the traffic once (loads every adapter it names from disk)")
             warm = asyncio.run(traffic(url, models, args.clients, args.max_tokens, "warm-up"))
             runs: list[Run] = []
@@ -296,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = client.get("/metrics").text
         finally:
             stop_server(process)
-        loads = loads_in_log(log)
+        text = log.read_text()
+        idle, loads = loads_in_log(text[:idle_end]), loads_in_log(text[idle_end:])
         quiet = [r["median_gap_ms"] for r in probe_runs if not r["loading"]]
         busy = [r["median_gap_ms"] for r in probe_runs if r["loading"]]
         evictions = re.search(r"^talan_serve_adapter_evictions_total (\S+)$", metrics, re.M)
@@ -307,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                 r.tokens_per_s for r in runs if r.mode == "library"),
             "one_adapter_tokens_per_s": statistics.median(
                 r.tokens_per_s for r in runs if r.mode != "library"),
+            "idle_load_from_disk": percentiles(idle["disk"]),
+            "idle_load_from_cache": percentiles(idle["cache"]),
             "load_from_disk": percentiles(loads["disk"]),
             "load_from_cache": percentiles(loads["cache"]),
             "probe_load_from_disk": percentiles(loads["probe"]),
@@ -331,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {"meta": meta, "summary": summary, "warm_up": asdict(warm) | {
             "tokens_per_s": warm.tokens_per_s},
             "runs": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in runs],
-            "probe": probe_runs, "load_seconds": loads}
+            "probe": probe_runs, "load_seconds": loads, "idle_load_seconds": idle}
         write_results(Path(args.out), record)
     finally:
         if not args.keep:
@@ -357,8 +379,11 @@ def write_results(out: Path, record: dict) -> None:
         f"| throughput, library / one adapter | {s['throughput_ratio_median']:.3f}x "
         f"({s['library_tokens_per_s']:.1f} / {s['one_adapter_tokens_per_s']:.1f} tok/s; "
         f"pairs {', '.join(f'{r:.3f}' for r in s['throughput_ratios'])}) | >= 0.9x |",
-        f"| load from disk, p50 / p95 | {latency(disk)} | |",
-        f"| load from the host cache, p50 / p95 | {latency(cache)} | |",
+        f"| load from disk, idle engine, p50 / p95 | {latency(s['idle_load_from_disk'])} | |",
+        f"| load from the host cache, idle engine, p50 / p95 | "
+        f"{latency(s['idle_load_from_cache'])} | |",
+        f"| load from disk under the traffic, p50 / p95 | {latency(disk)} | |",
+        f"| load from the host cache under the traffic, p50 / p95 | {latency(cache)} | |",
         f"| load from disk during the decode probe, p50 / p95 | "
         f"{latency(s['probe_load_from_disk'])} | |",
         f"| decode step while loading / no load | {s['decode_step_ratio']:.3f}x "
@@ -369,7 +394,9 @@ def write_results(out: Path, record: dict) -> None:
         "(prompts, lengths, order) sent to Zipf-drawn adapters or all to the most popular "
         "one; each pair's ratio, and their median. Load latency: the server's own timing "
         "of each load (validation or the cache, then the engine; not the wait for a "
-        "place). Decode step: the median gap between streamed tokens of the probe's "
+        "place); idle engine: the --max-adapters + 2 least popular adapters asked for one at "
+        "a time, twice, "
+        "before the traffic. Decode step: the median gap between streamed tokens of the probe's "
         "streams, with adapters loaded and unloaded back to back meanwhile or not.",
     ]
     out.parent.joinpath(f"{out.name}.md").write_text("\n".join(lines) + "\n")

@@ -105,6 +105,14 @@ def served(library: Path, places: int, queue: int = 8, cache: int = 2**20
     return adapters, engine, events
 
 
+async def until(condition, timeout_s: float = 30.0) -> None:
+    """Wait for ``condition()`` (validation runs in a thread: its time varies with load)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met"
+        await asyncio.sleep(0.005)
+
+
 async def use(adapters: ServedAdapters, name: str) -> int:
     async with adapters.serving(name, True) as route:
         return route.adapter.adapter_id
@@ -149,10 +157,12 @@ def test_an_adapter_in_flight_is_not_evicted_and_a_load_waits_for_a_place(librar
             async with adapters.serving(name, True):
                 await done[name].wait()
 
-        holders = [asyncio.create_task(hold(name)) for name in "ab"]
-        await asyncio.sleep(0.05)
+        holders = []
+        for name in "ab":  # one after the other, so that a gets id 1 and b id 2
+            holders.append(asyncio.create_task(hold(name)))
+            await until(lambda n=name: adapters.registry.get(n) is not None)
         waiting = asyncio.create_task(use(adapters, "c"))
-        await asyncio.sleep(0.05)
+        await until(lambda: adapters._places._waiters)  # c is validated, and has no place
         assert not waiting.done() and engine.calls == [("load", 1), ("load", 2)]
         done["b"].set()  # b's request ends: b, idle now, makes room; a is still in flight
         assert await waiting == 3
