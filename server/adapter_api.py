@@ -12,8 +12,9 @@ from typing import Any
 
 from fastapi.responses import PlainTextResponse, Response
 
-from server.adapters import AdapterError, ModelNotFoundError, allowed_path
-from server.errors import APIError, bad_request, model_not_found
+from server.adapter_errors import AdapterError, ModelNotFoundError
+from server.adapters import allowed_path
+from server.errors import APIError, adapter_refused, bad_request, model_not_found
 from server.http import parse
 from server.schemas import LoadAdapterRequest, UnloadAdapterRequest
 from server.state import ServerState
@@ -30,16 +31,16 @@ async def load_adapter(state: ServerState, body: Any) -> Response:
     _check_enabled(state)
     request = parse(LoadAdapterRequest, body)
     try:
-        path = allowed_path(request.lora_path, state.settings.adapter_dirs)
+        path, root = allowed_path(request.lora_path, state.settings.adapter_dirs)
     except PermissionError as error:
         raise APIError(403, str(error), type="permission_error", param="lora_path",
                        code="adapter_path_not_allowed") from error
     if request.lora_name == state.backend.info.name:
         raise bad_request(f"{request.lora_name!r} is the base model's name", param="lora_name")
     try:
-        await state.backend.load_adapter(request.lora_name, str(path))
-    except AdapterError as error:
-        raise bad_request(str(error), param="lora_path") from error
+        await state.backend.load_adapter(request.lora_name, str(path), within=root)
+    except AdapterError as error:  # validated as every adapter is (talan_serve.adapter_files)
+        raise adapter_refused(error, param="lora_path") from error
     return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
 
 

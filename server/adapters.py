@@ -3,78 +3,87 @@
 The engine's half is ``talan_serve.adapter_set`` (run by ``talan_serve.engine``). Here,
 for every engine: what the server is sized for at start (``size_adapters``), names to
 engine adapter ids, what a new checkpoint must fit, the allowlist for loading at run time,
-loads and unloads one at a time with the in-flight count that lets an unload wait for its
-adapter's last request (``ServedAdapters``), and each request's route by its ``model``.
-A backend supplies only its engine's four calls (``AdapterEngine``). Ids are never reused,
-so neither a late request nor a prefix-cache entry of an unloaded adapter can reach
-another one. This module imports no backend: the backends import it.
+and ``ServedAdapters``: loads and unloads one at a time, each request's route by its
+``model``, and, with ``--adapter-dir``, adapters loaded on their first request.
+
+Every checkpoint is validated whole before it takes a place (``talan_serve.adapter_files``
+and ``AdapterRegistry.check_fits``), off the event loop; the engine then gets the
+validated tensors, never a path to read again. A place is an adapter loaded in the engine,
+``--max-adapters`` of them. When every place is taken, the least recently used adapter
+with no request in flight (and none about to start) is evicted, into a host-memory cache
+(``server.adapter_cache``); adapters loaded explicitly (``--adapters``,
+``/v1/load_lora_adapter``) are pinned. A load for which no place can be freed waits until
+a request ends, and the requests waiting for their adapter are bounded (past the bound:
+``AdapterQueueFull``, HTTP 429). However many requests ask for one adapter at once, it is
+loaded once. Ids are never reused, so neither a late request nor a prefix-cache entry of
+an unloaded adapter can reach another one. A backend supplies only its engine's four
+calls (``AdapterEngine``). This module imports no backend: the backends import it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from server.adapter_cache import AdapterCache, CacheKey
+from server.adapter_dir import AdapterDirectory, DirectoryEntry
+from server.adapter_errors import (
+    AdapterError,
+    AdapterQueueFull,
+    AdapterRefused,
+    ModelNotFoundError,
+)
+from talan_serve.adapter_files import AdapterWeights, BaseWeights, read_adapter
 from talan_serve.adapter_spec import AdapterSetError, AdapterSetSpec
-from talan_serve.checkpoint import CheckpointError, TalanCheckpoint, load_checkpoint
+from talan_serve.checkpoint import CheckpointError, load_checkpoint
+from talan_serve.config import TalanConfig
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
 
 FIRST_ADAPTER_ID = 1  # 0 is a one-checkpoint server's adapter; vLLM's LoRA ids start at 1
-
-
-class AdapterError(ValueError):
-    """A load or unload that cannot be done (answered as HTTP 400)."""
-
-
-class ModelNotFoundError(LookupError):
-    """A ``model`` that is not, or no longer, served (answered as HTTP 404)."""
+REFUSALS_KEPT = 256  # refused folders remembered (by fingerprint), so as not to reread them
 
 
 @dataclass
 class Adapter:
     name: str
     adapter_id: int
-    checkpoint: TalanCheckpoint
-    lora_rank: int | None
+    weights: AdapterWeights
+    cache_key: CacheKey | None = None
+    pinned: bool = False
     in_flight: int = 0
     retired: bool = False
+    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def path(self) -> Path:
-        return self.checkpoint.path
+        return self.weights.path
 
     @property
     def has_talan(self) -> bool:
-        return self.checkpoint.has_talan
+        return self.weights.has_talan
 
-
-def _lora_rank(checkpoint: TalanCheckpoint) -> int | None:
-    if checkpoint.adapter_dir is None:
-        return None
-    from talan_serve.prepared import adapter_config, lora_rank
-
-    if adapter_config(checkpoint.adapter_dir).get("use_dora"):
-        raise AdapterError("DoRA adapters are served merged into the weights, one per "
-                           "server: serve this checkpoint on its own")
-    return lora_rank(checkpoint.adapter_dir)
+    @property
+    def lora_rank(self) -> int | None:
+        return self.weights.lora_rank
 
 
 class AdapterRegistry:
     """The adapters a server holds, by the name a request puts in ``model``."""
 
-    def __init__(self, spec: AdapterSetSpec, num_layers: int, capacity: int,
+    def __init__(self, spec: AdapterSetSpec, base: BaseWeights, capacity: int,
                  max_lora_rank: int | None, kinds_fixed: bool = False):
         self.spec = spec
-        self.num_layers = num_layers
+        self.base = base
         self.capacity = capacity
         self.max_lora_rank = max_lora_rank
         # The engine captures decode steps in graphs holding the kinds built at start.
@@ -92,29 +101,38 @@ class AdapterRegistry:
     def served(self) -> list[Adapter]:
         return [adapter for adapter in self._adapters.values() if not adapter.retired]
 
-    def reserve(self, name: str, path: str | Path) -> Adapter:
-        """Validate a checkpoint for ``name`` and give it the next id (not yet served)."""
+    @property
+    def places_taken(self) -> int:
+        """Adapters holding a place: served, loading, or unloading."""
+        return len(self._adapters)
+
+    def check_fits(self, name: str, weights: AdapterWeights) -> None:
+        """Raise ``AdapterError`` unless a validated checkpoint fits what this server was
+        started for (state slots, connection points, kinds, LoRA support and rank)."""
+        if weights.has_talan:
+            try:
+                self.spec.check(weights.config, self.kinds_fixed)
+            except AdapterSetError as error:
+                raise AdapterError(f"adapter {name!r}: {error}") from error
+        rank = weights.lora_rank
+        if rank is not None and self.max_lora_rank is None:
+            raise AdapterError(f"adapter {name!r} has a LoRA, and this server was started "
+                               "without LoRA support (--max-lora-rank)")
+        if rank is not None and rank > self.max_lora_rank:
+            raise AdapterError(f"adapter {name!r}: LoRA rank {rank} is above this server's "
+                               f"--max-lora-rank {self.max_lora_rank}")
+
+    def reserve(self, name: str, weights: AdapterWeights, cache_key: CacheKey | None = None,
+                pinned: bool = False) -> Adapter:
+        """Give a validated checkpoint that fits (``check_fits``) a place and the next id
+        (not yet served)."""
         if not name or name in self._adapters:
             raise AdapterError(f"an adapter named {name!r} is loaded already" if name
                                else "an adapter needs a name")
         if len(self._adapters) >= self.capacity:
             raise AdapterError(f"{self.capacity} adapters are loaded, the most this server "
                                "holds (--max-adapters); unload one first")
-        try:
-            checkpoint = load_checkpoint(path)
-            checkpoint.check_host(self.spec.hidden_size, self.num_layers)
-        except (CheckpointError, FileNotFoundError) as error:
-            raise AdapterError(f"adapter {name!r}: {error}") from error
-        if checkpoint.has_talan:
-            try:
-                self.spec.check(checkpoint.config, self.kinds_fixed)
-            except AdapterSetError as error:
-                raise AdapterError(f"adapter {name!r}: {error}") from error
-        rank = _lora_rank(checkpoint)
-        if rank is not None and self.max_lora_rank is not None and rank > self.max_lora_rank:
-            raise AdapterError(f"adapter {name!r}: LoRA rank {rank} is above this server's "
-                               f"--max-lora-rank {self.max_lora_rank}")
-        adapter = Adapter(name, self._next_id, checkpoint, rank, retired=True)
+        adapter = Adapter(name, self._next_id, weights, cache_key, pinned, retired=True)
         self._next_id += 1
         self._adapters[name] = adapter
         return adapter
@@ -133,28 +151,18 @@ class AdapterRegistry:
         adapter.retired = True
         return adapter
 
-    @contextmanager
-    def using(self, adapter: Adapter | None) -> Iterator[None]:
-        if adapter is not None:
-            adapter.in_flight += 1
-        try:
-            yield
-        finally:
-            if adapter is not None:
-                adapter.in_flight -= 1
-
     async def drained(self, adapter: Adapter, poll_s: float = 0.02) -> None:
         while adapter.in_flight:
             await asyncio.sleep(poll_s)
 
 
-def allowed_path(path: str, allowed_dirs: tuple[Path, ...]) -> Path:
-    """``path`` resolved, if it lies inside one of ``allowed_dirs``; raises otherwise."""
+def allowed_path(path: str, allowed_dirs: tuple[Path, ...]) -> tuple[Path, Path]:
+    """``path`` resolved, and the one of ``allowed_dirs`` it lies in; raises otherwise."""
     resolved = Path(os.path.realpath(path))
     for root in allowed_dirs:
-        root = Path(os.path.realpath(root))
-        if resolved == root or root in resolved.parents:
-            return resolved
+        real_root = Path(os.path.realpath(root))
+        if resolved == real_root or real_root in resolved.parents:
+            return resolved, real_root
     raise PermissionError(f"{path!r} is not inside a directory this server loads adapters "
                           "from (--allowed-adapter-dirs)")
 
@@ -178,37 +186,87 @@ def size_adapters(
     max_lora_rank: int | None = None,
     lora_rank_for: Callable[[int], int] = int,
     kinds_fixed: bool = False,
+    directory: AdapterDirectory | None = None,
 ) -> AdapterSizing:
     """Size a server of many adapters on the base ``model_dir`` for those given at start
-    (``adapters``: name -> checkpoint) and the room asked for; ``lora_rank_for``: the
-    engine's LoRA rank for a checkpoint's rank; ``kinds_fixed``: the engine captures its
-    decode steps in graphs that hold the adapter kinds given at start."""
+    (``adapters``: name -> checkpoint), the entries of ``directory`` there are now (their
+    JSON files only; those beyond ``state_slots`` or ``max_lora_rank``, when given, or not
+    fitting the base are left out, to be refused at their first request) and the room
+    asked for; ``lora_rank_for``: the engine's LoRA rank for a checkpoint's rank;
+    ``kinds_fixed``: the engine captures its decode steps in graphs that hold the adapter
+    kinds given at start."""
     from talan_serve.prepared import lora_rank
 
-    host = json.loads((Path(model_dir) / "config.json").read_text())
+    base = BaseWeights.read(model_dir)
     checkpoints = [load_checkpoint(path) for path in adapters.values()]
-    spec = AdapterSetSpec.covering(
-        [c.config for c in checkpoints if c.has_talan], host["hidden_size"],
-        state_slots, connection_points, max_adapters)
+    configs = [c.config for c in checkpoints if c.has_talan]
     ranks = [lora_rank(c.adapter_dir) for c in checkpoints if c.adapter_dir is not None]
+    for entry in directory.start_configs() if directory is not None else ():
+        config = entry.config
+        if config is not None and not _fits_at_start(config, base, state_slots):
+            continue
+        if entry.lora_rank is not None and max_lora_rank is not None \
+                and entry.lora_rank > max_lora_rank:
+            continue
+        configs += [config] if config is not None else []
+        ranks += [entry.lora_rank] if entry.lora_rank is not None else []
+    spec = AdapterSetSpec.covering(configs, base.hidden_size, state_slots, connection_points,
+                                   max_adapters)
     rank = max_lora_rank or (max(ranks) if ranks else None)
     rank = None if rank is None else lora_rank_for(rank)
-    registry = AdapterRegistry(spec, host["num_hidden_layers"], max_adapters, rank,
-                               kinds_fixed)
+    registry = AdapterRegistry(spec, base, max_adapters, rank, kinds_fixed)
     return AdapterSizing(spec, rank, registry)
 
 
-class AdapterEngine(Protocol):
-    """What a backend's engine does for ``ServedAdapters``: TALAN blocks go to every worker
-    of the engine, LoRAs through its multi-LoRA support (a handle for requests to carry)."""
+def _fits_at_start(config: TalanConfig, base: BaseWeights, state_slots: int | None) -> bool:
+    try:
+        config.check_host(base.hidden_size, base.num_layers)
+    except ValueError:
+        return False
+    return state_slots is None or config.n_themes <= state_slots
 
-    async def load_talan(self, adapter_id: int, checkpoint_dir: str) -> None: ...
+
+class AdapterEngine(Protocol):
+    """What a backend's engine does for ``ServedAdapters``, with validated tensors: TALAN
+    blocks go to every worker of the engine, LoRAs through its multi-LoRA support (a
+    handle for requests to carry)."""
+
+    async def load_talan(self, adapter_id: int, config: TalanConfig,
+                         tensors: dict[str, Any]) -> None: ...
 
     async def unload_talan(self, adapter_id: int) -> None: ...
 
-    async def load_lora(self, name: str, adapter_id: int, lora_dir: Path) -> Any: ...
+    async def load_lora(self, name: str, adapter_id: int, weights: AdapterWeights) -> Any: ...
 
     async def unload_lora(self, adapter_id: int, handle: Any) -> None: ...
+
+
+class AdapterEvents(Protocol):
+    """What ``ServedAdapters`` reports (``server.metrics.AdapterMetrics``)."""
+
+    def loaded(self, name: str, source: str, seconds: float) -> None: ...
+
+    def evicted(self, name: str) -> None: ...
+
+    def refused(self, reason: str) -> None: ...
+
+    def request(self, name: str) -> None: ...
+
+
+class NoEvents:
+    """``AdapterEvents`` that go nowhere (a server without metrics, tests)."""
+
+    def loaded(self, name: str, source: str, seconds: float) -> None:
+        pass
+
+    def evicted(self, name: str) -> None:
+        pass
+
+    def refused(self, reason: str) -> None:
+        pass
+
+    def request(self, name: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -221,71 +279,300 @@ class RequestRoute:
     talan_args: dict[str, Any]
 
 
-class ServedAdapters:
-    """The front end's half of a server of many adapters, whatever the engine: loads and
-    unloads (one at a time; an unload waits for the adapter's running requests), and the
-    route of each request by its ``model``."""
+class _Places:
+    """Wakes the loads that wait for a place whenever one may have been freed."""
 
-    def __init__(self, registry: AdapterRegistry, engine: AdapterEngine, base_name: str):
+    def __init__(self) -> None:
+        self.generation = 0
+        self._waiters: list[asyncio.Future] = []
+
+    def freed(self) -> None:
+        self.generation += 1
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def wait(self, generation: int) -> None:
+        """Return once a place was freed after ``generation`` was read."""
+        if self.generation != generation:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+
+@dataclass(frozen=True)
+class OnDemand:
+    """Where adapters loaded on their first request come from, and how many requests may
+    wait for theirs."""
+
+    directory: AdapterDirectory
+    cache_bytes: int = 2**30
+    queue_size: int = 64
+
+
+class ServedAdapters:
+    """The front end's half of a server of many adapters, whatever the engine (module
+    docstring): loads and unloads, and each request's route by its ``model``."""
+
+    def __init__(self, registry: AdapterRegistry, engine: AdapterEngine, base_name: str,
+                 on_demand: OnDemand | None = None):
         self.registry = registry
         self.engine = engine
         self.base_name = base_name
+        self.directory = on_demand.directory if on_demand is not None else None
+        self.cache = AdapterCache(on_demand.cache_bytes if on_demand is not None else 0)
+        self.queue_size = on_demand.queue_size if on_demand is not None else 0
+        self.events: AdapterEvents = NoEvents()
         self._loras: dict[int, Any] = {}
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # the engine's adapters change one at a time
+        self._loads: dict[str, asyncio.Task] = {}  # one load per name at a time
+        self._pending: Counter[str] = Counter()  # requests about to run each adapter
+        self._waiting = 0  # requests waiting for their adapter to be loaded
+        self._places = _Places()
+        self._refusals: OrderedDict[CacheKey, AdapterRefused] = OrderedDict()
 
-    async def load(self, name: str, path: str) -> None:
-        async with self._lock:
-            adapter = self.registry.reserve(name, path)
-            loaded_talan = False
-            try:
-                lora_dir = adapter.checkpoint.adapter_dir
-                if lora_dir is not None and self.registry.max_lora_rank is None:
-                    raise AdapterError(f"adapter {name!r} has a LoRA, and this server was "
-                                       "started without LoRA support (--max-lora-rank)")
-                if adapter.has_talan:
-                    await self.engine.load_talan(adapter.adapter_id, str(adapter.path))
-                    loaded_talan = True
-                if lora_dir is not None:
-                    self._loras[adapter.adapter_id] = await self.engine.load_lora(
-                        name, adapter.adapter_id, lora_dir)
-            except BaseException:
-                if loaded_talan:
-                    await self.engine.unload_talan(adapter.adapter_id)
-                self.registry.drop(adapter)
-                raise
-            self.registry.publish(adapter)
-            logger.info("adapter %s loaded from %s (id %d, TALAN %s, LoRA rank %s)", name,
-                        adapter.path, adapter.adapter_id,
-                        adapter.checkpoint.config.connection_point if adapter.has_talan
-                        else "none", adapter.lora_rank)
+    # --- validation --------------------------------------------------------------------
 
-    async def unload(self, name: str) -> None:
-        async with self._lock:
-            adapter = self.registry.retire(name)
-            await self.registry.drained(adapter)
+    async def _weights(self, name: str, path: Path, within: Path | None
+                       ) -> tuple[AdapterWeights, CacheKey, str]:
+        """A checkpoint's validated contents, from the cache or read and validated off
+        the event loop; where they came from ("cache" or "disk")."""
+        try:
+            key = AdapterCache.key(path)
+        except OSError as error:
+            raise AdapterRefused(f"adapter {name!r}: {error}", "checkpoint") from None
+        cached = self.cache.take(key)
+        if cached is not None:
+            return cached, key, "cache"
+        refused = self._refusals.get(key)
+        if refused is not None:
+            raise AdapterRefused(str(refused), refused.reason, refused.status, refused.code)
+        try:
+            weights = await asyncio.to_thread(read_adapter, path, self.registry.base, within)
+            self.registry.check_fits(name, weights)
+        except AdapterError as error:
+            refused = AdapterRefused(str(error), "unfit")
+        except PermissionError as error:
+            refused = AdapterRefused(f"adapter {name!r}: {error}", "path", 403,
+                                     "adapter_path_not_allowed")
+        except (CheckpointError, OSError) as error:
+            refused = AdapterRefused(f"adapter {name!r}: {error}", "checkpoint")
+        else:
+            return weights, key, "disk"
+        self._refusals[key] = refused
+        while len(self._refusals) > REFUSALS_KEPT:
+            self._refusals.popitem(last=False)
+        raise refused
+
+    # --- places ------------------------------------------------------------------------
+
+    def _victim(self) -> Adapter | None:
+        """The least recently used adapter that may be evicted: not pinned, no request
+        in flight, none about to start."""
+        idle = [a for a in self.registry.served()
+                if not a.pinned and not a.in_flight and not self._pending[a.name]]
+        return min(idle, key=lambda a: a.last_used, default=None)
+
+    async def _install(self, name: str, weights: AdapterWeights, key: CacheKey | None,
+                       source: str, seconds: float, pinned: bool) -> None:
+        """Give a validated adapter a place (evicting one if need be) and load it; an
+        on-demand load waits for a place, a pinned one is refused without one."""
+        while True:
+            generation = self._places.generation
+            async with self._lock:
+                victim = None
+                if self.registry.places_taken >= self.registry.capacity:
+                    victim = self._victim()
+                if self.registry.places_taken < self.registry.capacity or victim:
+                    if victim is not None:
+                        await self._evict(victim)
+                    started = time.monotonic()
+                    await self._put(name, weights, key, pinned)
+                    seconds += time.monotonic() - started
+                    self.events.loaded(name, source, seconds)
+                    logger.info("adapter %s loaded from %s in %.3f s", name, source, seconds)
+                    return
+                if pinned:
+                    raise AdapterError(f"{self.registry.capacity} adapters are loaded, the "
+                                       "most this server holds (--max-adapters), and none "
+                                       "is idle; unload one first")
+                if all(a.pinned for a in self.registry.served()):
+                    raise AdapterError("every place is held by a pinned adapter "
+                                       "(--max-adapters); unload one")
+            await self._places.wait(generation)
+
+    async def _put(self, name: str, weights: AdapterWeights, key: CacheKey | None,
+                   pinned: bool) -> None:
+        adapter = self.registry.reserve(name, weights, key, pinned)
+        loaded_talan = False
+        try:
+            if weights.has_talan:
+                await self.engine.load_talan(adapter.adapter_id, weights.config,
+                                             weights.talan)
+                loaded_talan = True
+            if weights.lora is not None:
+                self._loras[adapter.adapter_id] = await self.engine.load_lora(
+                    name, adapter.adapter_id, weights)
+        except BaseException:
+            if loaded_talan:
+                await self.engine.unload_talan(adapter.adapter_id)
+            self.registry.drop(adapter)
+            self._places.freed()
+            raise
+        self.registry.publish(adapter)
+        logger.debug("adapter %s: id %d, TALAN %s, LoRA rank %s", name, adapter.adapter_id,
+                     weights.config.connection_point if weights.has_talan else "none",
+                     weights.lora_rank)
+
+    async def _remove(self, adapter: Adapter) -> None:
+        """Unload a retired adapter from the engine and free its place."""
+        try:
             if adapter.has_talan:
                 await self.engine.unload_talan(adapter.adapter_id)
             handle = self._loras.pop(adapter.adapter_id, None)
             if handle is not None:
                 await self.engine.unload_lora(adapter.adapter_id, handle)
+        finally:
             self.registry.drop(adapter)
+            self._places.freed()
+
+    async def _evict(self, adapter: Adapter) -> None:
+        self.registry.retire(adapter.name)
+        if adapter.cache_key is not None:
+            self.cache.put(adapter.cache_key, adapter.weights)
+        await self._remove(adapter)
+        self.events.evicted(adapter.name)
+        logger.info("adapter %s evicted (least recently used)", adapter.name)
+
+    # --- explicit loads and unloads -----------------------------------------------------
+
+    async def load(self, name: str, path: str | Path, within: Path | None = None) -> None:
+        """Load the checkpoint at ``path`` as ``name``, pinned (``--adapters``,
+        ``/v1/load_lora_adapter``); ``within``: the folder its files must stay in."""
+        if name in self.registry.names():
+            raise AdapterError(f"an adapter named {name!r} is loaded already")
+        pinned = sum(a.pinned for a in self.registry.served())
+        if self.directory is not None and pinned + 1 >= self.registry.capacity:
+            raise AdapterError(f"{pinned} adapters are pinned: one more would leave no "
+                               "place for --adapter-dir (--max-adapters "
+                               f"{self.registry.capacity})")
+        started = time.monotonic()
+        try:
+            weights, key, source = await self._weights(name, Path(path), within)
+        except AdapterRefused as error:
+            self.events.refused(error.reason)
+            raise
+        await self._install(name, weights, key, source, time.monotonic() - started, True)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            adapter = self.registry.retire(name)
+            await self.registry.drained(adapter)
+            await self._remove(adapter)
             logger.info("adapter %s unloaded", name)
 
-    def route(self, model: str | None, talan_enabled: bool) -> RequestRoute:
-        if model is None or model == self.base_name:
-            return RequestRoute(None, None, switch_args(False))  # the base model alone
-        adapter = self.registry.get(model)
-        if adapter is None:
-            raise ModelNotFoundError(f"The model '{model}' does not exist")
+    # --- requests ----------------------------------------------------------------------
+
+    def offers(self, name: str) -> bool:
+        """Whether ``name`` is served, loaded or on demand (``AdapterRefused`` for a name
+        that --adapter-dir refuses)."""
+        if self.registry.get(name) is not None:
+            return True
+        if self.directory is None:
+            return False
+        try:
+            self.directory.entry(name)
+        except ModelNotFoundError:
+            return False
+        except AdapterRefused as error:
+            self.events.refused(error.reason)
+            raise
+        return True
+
+    def unloaded_entries(self) -> list[DirectoryEntry]:
+        """The on-demand entries there are now that are not loaded (nor shadowed by a
+        loaded adapter of that name)."""
+        if self.directory is None:
+            return []
+        taken = {*self.registry.names(), self.base_name}
+        return [entry for entry in self.directory.entries() if entry.name not in taken]
+
+    async def _bring(self, name: str) -> Adapter:
+        """An adapter of --adapter-dir, loaded (once, however many ask at the same time)."""
+        if self.directory is None:
+            raise ModelNotFoundError(f"The model '{name}' does not exist")
+        entry = self.directory.entry(name)
+        if self._waiting >= self.queue_size:
+            raise AdapterQueueFull(f"{self._waiting} requests are waiting for their adapter "
+                                   "to be loaded, the most this server queues; retry later")
+        self._waiting += 1
+        self._pending[name] += 1
+        try:
+            while True:
+                task = self._loads.get(name)
+                if task is None:
+                    task = asyncio.create_task(self._fetch(entry))
+                    self._loads[name] = task
+                    task.add_done_callback(lambda done: self._fetched(name, done))
+                await asyncio.shield(task)
+                adapter = self.registry.get(name)
+                if adapter is not None:
+                    return adapter
+        finally:
+            self._waiting -= 1
+            self._pending[name] -= 1
+            if not self._pending[name]:
+                del self._pending[name]
+
+    def _fetched(self, name: str, task: asyncio.Task) -> None:
+        if self._loads.get(name) is task:
+            del self._loads[name]
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have gone
+
+    async def _fetch(self, entry: DirectoryEntry) -> None:
+        started = time.monotonic()
+        weights, key, source = await self._weights(entry.name, entry.path, entry.root)
+        await self._install(entry.name, weights, key, source, time.monotonic() - started,
+                            pinned=False)
+
+    def route_of(self, adapter: Adapter, talan_enabled: bool) -> RequestRoute:
         lora = self._loras.get(adapter.adapter_id)
         if not (talan_enabled and adapter.has_talan):
             return RequestRoute(adapter, lora, switch_args(False))
         return RequestRoute(adapter, lora, switch_args(True, adapter.adapter_id))
 
-    def in_flight(self, route: RequestRoute):
-        return self.registry.using(route.adapter) if route.adapter is not None \
-            else nullcontext()
+    @asynccontextmanager
+    async def serving(self, model: str | None, talan_enabled: bool
+                      ) -> AsyncIterator[RequestRoute]:
+        """The route of a request by its ``model`` while it runs: its adapter, loaded
+        first if need be, counted in flight (never evicted meanwhile)."""
+        if model is None or model == self.base_name:
+            yield RequestRoute(None, None, switch_args(False))  # the base model alone
+            return
+        adapter = self.registry.get(model)
+        if adapter is None:
+            try:
+                adapter = await self._bring(model)
+            except AdapterRefused as error:
+                self.events.refused(error.reason)
+                raise
+        self.events.request(model)
+        adapter.in_flight += 1
+        adapter.last_used = time.monotonic()
+        try:
+            yield self.route_of(adapter, talan_enabled)
+        finally:
+            adapter.in_flight -= 1
+            adapter.last_used = time.monotonic()
+            if not adapter.in_flight:
+                self._places.freed()
+
+    def loaded_count(self) -> int:
+        return len(self.registry.served())
 
 
 ONE_CHECKPOINT = ("this server serves one checkpoint; start it with --adapters (or "
-                  "--talan-connection-points) to load adapters")
+                  "--talan-connection-points, or --adapter-dir) to load adapters")

@@ -16,10 +16,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.adapter_api import load_adapter, unload_adapter
+from server.adapter_errors import AdapterError
 from server.backends.base import Backend, EngineDeadError
 from server.chat import create_chat_completion
 from server.completions import create_completion
-from server.errors import APIError, bad_request, model_not_found
+from server.errors import APIError, adapter_refused, bad_request, model_not_found
 from server.http import check_auth, parse, read_json
 from server.openapi import install_openapi
 from server.responses import create_response, parse_responses
@@ -52,6 +53,10 @@ def create_app(
     Gauge("talan_serve_engine_unfinished_requests",
           "Requests the engine still holds (0 when idle; a leak check)",
           registry=state.metrics.registry).set_function(backend.num_unfinished)
+    adapters = getattr(backend, "served_adapters", None)
+    if adapters is not None:
+        adapters.events = state.metrics.adapters
+        state.metrics.adapters.loaded_now.set_function(adapters.loaded_count)
 
     async def watch_engine() -> None:
         while True:
@@ -101,7 +106,11 @@ def create_app(
         check_auth(request, state.settings.api_key)
 
     def check_model(name: str | None) -> None:
-        if not state.accepts_model(name):
+        try:
+            accepted = state.accepts_model(name)
+        except AdapterError as error:  # a name --adapter-dir refuses, with the reason
+            raise adapter_refused(error) from error
+        if not accepted:
             served = [backend.info.name, *state.settings.served_names,
                       *(state.registry.names() if state.registry is not None else ())]
             raise model_not_found(f"The model '{name}' does not exist; this server serves "
@@ -128,14 +137,19 @@ def create_app(
         common = dict(created=started, max_model_len=info.max_model_len, dtype=info.dtype,
                       deterministic=state.settings.deterministic)
         cards = [ModelCard(id=name, talan=info.talan, adapter=info.lora_mode, root=info.name,
-                           **common)
+                           loaded=True, **common)
                  for name in (info.name, *state.settings.served_names)]
         registry = state.registry
         for adapter in registry.served() if registry is not None else ():
             cards.append(ModelCard(
                 id=adapter.name, talan=adapter.has_talan, root=str(adapter.path),
                 parent=info.name, adapter="per_request" if adapter.lora_rank else None,
-                **common))
+                loaded=True, pinned=adapter.pinned, **common))
+        for entry in adapters.unloaded_entries() if adapters is not None else ():
+            talan, lora = entry.holds()
+            cards.append(ModelCard(id=entry.name, talan=talan, root=str(entry.path),
+                                   parent=info.name, adapter="per_request" if lora else None,
+                                   loaded=False, pinned=False, **common))
         return ModelList(data=cards)
 
     async def counted(request: Request, endpoint: str, run) -> Response:

@@ -37,15 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-adapters", type=int, default=8,
                    help="adapters loaded at once (and LoRAs in one batch) on a server of many")
     p.add_argument("--max-lora-rank", type=int, default=None,
-                   help="largest LoRA rank an adapter may have (default: the largest given "
-                        "with --adapters)")
+                   help="largest LoRA rank an adapter may have (default: the largest of "
+                        "--adapters and of the --adapter-dir checkpoints there at start)")
     p.add_argument("--max-talan-slots", type=int, default=None,
                    help="slots of each request's TALAN state: the largest T an adapter "
-                        "may have (default: the largest given with --adapters)")
+                        "may have (default: the largest of --adapters and of the "
+                        "--adapter-dir checkpoints there at start)")
     p.add_argument("--talan-connection-points", nargs="+", default=(), metavar="POINT",
                    help="connection points (embedding, layer_N) to run side paths at, beyond "
                         "those of the adapters given at start; with none given, this alone "
                         "makes a server of many adapters, all loaded at run time")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="serve every checkpoint folder directly under DIR on --model's base "
+                        "model, by its folder name, loaded on its first request and evicted "
+                        "least recently used beyond --max-adapters (--adapters stay pinned); "
+                        "may be given more than once (docs/adapters.md)")
+    p.add_argument("--adapter-cache-bytes", type=int, default=2**30,
+                   help="host memory kept for evicted adapters of --adapter-dir, so that a "
+                        "reload skips the disk and the validation (default 1 GiB; 0: none)")
+    p.add_argument("--adapter-queue-size", type=int, default=64,
+                   help="requests that may wait for their adapter to be loaded; beyond, 429")
     p.add_argument("--allowed-adapter-dirs", nargs="+", default=(), metavar="DIR",
                    help="directories from which POST /v1/load_lora_adapter may load "
                         "checkpoints (default: none; loading at run time is off)")
@@ -127,13 +138,17 @@ def resolve(args: argparse.Namespace) -> ServedModel:
     resolved = resolve_model(name, args.checkpoint_root)
     checkpoint = args.talan or (str(resolved.checkpoint) if resolved.checkpoint else None)
     served = args.served_model_name or name
-    if not args.adapters and not args.talan_connection_points:
+    if not args.adapters and not args.talan_connection_points and not args.adapter_dir:
         return ServedModel(served, str(resolved.base_model), checkpoint)
+    for directory in args.adapter_dir:
+        if not Path(directory).is_dir():
+            raise UsageError(f"--adapter-dir {directory}: no such directory")
     if args.talan:
         raise UsageError("--talan with --adapters: give that checkpoint as NAME=CKPT")
     if args.data_parallel_size > 1:
         # Adapters are loaded into the workers of one engine; replicas would not all get them.
-        raise UsageError("--adapters with --data-parallel-size: run one server per replica")
+        raise UsageError("--adapters (or --adapter-dir) with --data-parallel-size: run one "
+                         "server per replica")
     adapters: dict[str, str] = {}
     base_name = served
     if checkpoint is not None:
@@ -149,6 +164,10 @@ def resolve(args: argparse.Namespace) -> ServedModel:
         if not Path(path).is_dir():
             raise UsageError(f"--adapters {item!r}: no such checkpoint directory")
         adapters[adapter] = path
+    if args.adapter_dir and len(adapters) >= args.max_adapters:
+        raise UsageError(f"{len(adapters)} adapters given at start are pinned, and "
+                         f"--max-adapters {args.max_adapters} leaves no place for "
+                         "--adapter-dir; raise --max-adapters")
     return ServedModel(base_name, str(resolved.base_model), None, adapters)
 
 
@@ -194,6 +213,8 @@ def start_backend(args: argparse.Namespace, served: ServedModel):
         max_lora_rank=args.max_lora_rank, talan_state_slots=args.max_talan_slots,
         talan_connection_points=tuple(args.talan_connection_points),
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
+        adapter_dirs=tuple(args.adapter_dir), adapter_cache_bytes=args.adapter_cache_bytes,
+        adapter_queue_size=args.adapter_queue_size,
     )
 
 

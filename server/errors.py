@@ -8,6 +8,8 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from server.adapter_errors import AdapterError, AdapterQueueFull
+
 
 class APIError(Exception):
     def __init__(
@@ -75,3 +77,14 @@ def unsupported(field: str) -> APIError:
 
 def model_not_found(message: str) -> APIError:
     return APIError(404, message, type="not_found_error", param="model", code="model_not_found")
+
+
+def adapter_refused(error: AdapterError, param: str = "model") -> APIError:
+    """An adapter this server cannot load or route to, with the reason (4xx)."""
+    kind = "permission_error" if error.status == 403 else "invalid_request_error"
+    return APIError(error.status, str(error), type=kind, param=param, code=error.code)
+
+
+def adapter_queue_full(error: AdapterQueueFull) -> APIError:
+    return APIError(429, str(error), type="rate_limit_error", code="adapter_queue_full",
+                    headers={"Retry-After": "1"})

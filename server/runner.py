@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from server.adapters import ModelNotFoundError
+from server.adapter_errors import AdapterError, AdapterQueueFull, ModelNotFoundError
 from server.backends.base import (
     Backend,
     EngineDeadError,
@@ -17,7 +17,13 @@ from server.backends.base import (
     GenerateRequest,
     SamplingOptions,
 )
-from server.errors import APIError, bad_request, model_not_found
+from server.errors import (
+    APIError,
+    adapter_queue_full,
+    adapter_refused,
+    bad_request,
+    model_not_found,
+)
 from server.metrics import Metrics
 
 
@@ -137,6 +143,13 @@ class Run:
         except ModelNotFoundError as error:  # an adapter unloaded since admission
             await self._stop("error")
             raise model_not_found(str(error)) from error
+        except AdapterError as error:  # an adapter of --adapter-dir refused at its load
+            await self._stop("error")
+            raise adapter_refused(error) from error
+        except AdapterQueueFull as error:
+            await self._stop("error")
+            self.metrics.rejected.inc()
+            raise adapter_queue_full(error) from error
         except EngineDeadError as error:
             await self._stop("error")
             raise APIError(503, f"engine unavailable: {error}", type="service_unavailable",

@@ -335,7 +335,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "talan-serve"
     max_model_len: int
-    talan: bool
+    talan: bool | None  # None: an adapter of --adapter-dir whose manifest is unreadable
     dtype: str
     # How the model's LoRA is served (a wire name kept for clients: "adapter" here is the
     # PEFT adapter, docs/design.md "Glossary").
@@ -343,6 +343,11 @@ class ModelCard(BaseModel):
     deterministic: bool  # --deterministic: outputs independent of other requests in flight
     root: str | None = None  # as vLLM: the model's name, or an adapter's checkpoint path
     parent: str | None = None  # an adapter's base model
+    # Whether the model is in the engine now (an adapter of --adapter-dir is loaded on its
+    # first request), and whether it stays there (pinned: given at start or loaded
+    # explicitly; never evicted).
+    loaded: bool = True
+    pinned: bool | None = None
 
 
 class LoadAdapterRequest(BaseModel):

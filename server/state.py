@@ -50,9 +50,14 @@ class ServerState:
         return self.backend.registry
 
     def adapter_name(self, name: str | None) -> str | None:
-        """``name`` if it names a served adapter (what the engine routes by), else None."""
-        registry = self.registry
-        return name if registry is not None and registry.get(name) is not None else None
+        """``name`` if it names an adapter, loaded or on demand from --adapter-dir (what
+        the engine routes by), else None; ``AdapterRefused`` for a name that the
+        directories refuse."""
+        adapters = getattr(self.backend, "served_adapters", None)
+        if adapters is None or name is None or name == self.backend.info.name \
+                or name in self.settings.served_names:
+            return None
+        return name if adapters.offers(name) else None
 
     def accepts_model(self, name: str | None) -> bool:
         return (name is None or name == self.backend.info.name

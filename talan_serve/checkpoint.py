@@ -32,6 +32,8 @@ MANIFEST_NAME = "talan_manifest.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FORMAT = "talan-checkpoint"
 FORMAT_VERSION = 1
+# Weight formats that are Python pickles: never read (loading one can run any code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 class CheckpointError(ValueError):
@@ -173,6 +175,15 @@ def _check_tensors(path: Path, config: TalanConfig, tensors: dict[str, Tensor]) 
             )
         if got.dtype != torch.float32:
             raise CheckpointError(f"{path}: tensor {name} is {got.dtype}, expected torch.float32")
+        check_finite(path, name, got)
+
+
+def check_finite(path: Path, name: str, tensor: Tensor) -> None:
+    """Refuse a tensor holding NaN or infinity: it would poison every request it touches."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise CheckpointError(f"{path}: tensor {name} is not finite ({bad} NaN or infinite "
+                              f"value{'s' if bad > 1 else ''} of {tensor.numel()})")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -219,6 +230,12 @@ def load_checkpoint(
     for name, digest in listed.items():
         file = root / name
         if not file.is_file():
+            pickled = [p.name for p in root.glob(f"{Path(name).stem}.*")
+                       if p.suffix in PICKLE_SUFFIXES]
+            if pickled:
+                raise CheckpointError(
+                    f"{root}: missing file {name}; {', '.join(sorted(pickled))} is a pickle, "
+                    "and talan-serve reads only safetensors (it never unpickles)")
             raise CheckpointError(f"{root}: missing file {name} (listed in the manifest)")
         actual = sha256_file(file)
         if actual != digest:

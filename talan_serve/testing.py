@@ -284,3 +284,47 @@ def build_tiny_checkpoint(
         )
         peft_model = get_peft_model(model, lora_config)
     return save_checkpoint(out_dir, str(model_dir), block=block, peft_model=peft_model)
+
+
+def reseal_checkpoint(path: str | Path) -> Path:
+    """Record the current checksum of every file a checkpoint's manifest lists (after a
+    test or a benchmark edits its files on purpose)."""
+    import json
+
+    from talan_serve.checkpoint import MANIFEST_NAME, sha256_file
+
+    root = Path(path)
+    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    manifest["files"] = {name: sha256_file(root / name) for name in manifest["files"]
+                         if (root / name).is_file()}
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return root
+
+
+def reweight_checkpoint(source: str | Path, out_dir: str | Path, seed: int,
+                        scale: float = 0.5) -> Path:
+    """A copy of a checkpoint with other random weights of the same shapes and about the
+    same size (each tensor plus ``scale`` times its own spread of Gaussian noise): another
+    adapter of the same kind, without loading the base model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from talan_serve.checkpoint import ADAPTER_FILES, WEIGHTS_NAME
+
+    out = Path(out_dir)
+    shutil.copytree(source, out)
+    generator = torch.Generator().manual_seed(seed)
+    for name in (WEIGHTS_NAME, ADAPTER_FILES[1]):
+        file = out / name
+        if not file.is_file():
+            continue
+        tensors = load_file(str(file))
+        for key, tensor in tensors.items():
+            spread = float(tensor.float().std()) if tensor.numel() > 1 else 0.0
+            spread = spread or float(tensor.float().abs().mean()) or 0.01
+            noise = torch.randn(tensor.shape, generator=generator) * spread * scale
+            tensors[key] = (tensor.float() + noise).to(tensor.dtype).contiguous()
+        save_file(tensors, str(file), metadata={"format": "pt"})
+        file.chmod(0o644)
+    return reseal_checkpoint(out)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-from server.adapters import AdapterRegistry
+from server.adapters import AdapterRegistry, ServedAdapters
 from server.parsing import OutputParser, ParseRequest
 
 
@@ -136,6 +137,8 @@ class ModelInfo:
 
 class Backend(Protocol):
     info: ModelInfo
+    # A server of many adapters' loads, unloads and routes (``server.adapters``); else None.
+    served_adapters: ServedAdapters | None
 
     @property
     def registry(self) -> AdapterRegistry | None:
@@ -162,8 +165,9 @@ class Backend(Protocol):
         """Requests the engine holds (waiting or running): 0 when idle, for leak checks."""
         ...
 
-    async def load_adapter(self, name: str, path: str) -> None:
-        """Serve the checkpoint at ``path`` as ``name``; ``AdapterError`` if it cannot."""
+    async def load_adapter(self, name: str, path: str, within: Path | None = None) -> None:
+        """Serve the checkpoint at ``path`` (its files inside ``within``, when given) as
+        ``name``; ``AdapterError`` if it cannot."""
         ...
 
     async def unload_adapter(self, name: str) -> None:

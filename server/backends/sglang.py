@@ -41,6 +41,8 @@ from server.backends.template import (
     UsageError,
     has_gpu,
 )
+from talan_serve.adapter_files import AdapterWeights, tensor_bytes
+from talan_serve.config import TalanConfig
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
@@ -193,7 +195,8 @@ class SglangBackend(EngineBackend):
                              f"{args.distributed_executor_backend} is vLLM's; the sglang "
                              "engine starts its own processes (multi-node: SGLang's "
                              "--nnodes/--node-rank, see its docs)")
-        if (args.adapters or args.talan_connection_points) and args.pipeline_parallel_size > 1:
+        if (args.adapters or args.talan_connection_points or args.adapter_dir) \
+                and args.pipeline_parallel_size > 1:
             # SGLang keeps each request's one state under one decoder layer's id, which a
             # single pipeline stage holds; adapters at several points would span stages.
             raise UsageError("--adapters with --engine sglang and --pipeline-parallel-size: "
@@ -224,10 +227,9 @@ class SglangBackend(EngineBackend):
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         options = request.sampling
-        route = self.route(request.model, request.sampling.talan_enabled)
-        # n samples = n requests (seeds seed, seed + 1, ...), merged in arrival order.
-        streams = [self._one(request, index, route) for index in range(options.n)]
-        with self.in_flight(route):
+        async with self.routed(request) as route:
+            # n samples = n requests (seeds seed, seed + 1, ...), merged in arrival order.
+            streams = [self._one(request, index, route) for index in range(options.n)]
             if len(streams) == 1:
                 async for output in streams[0]:
                     yield output
@@ -349,17 +351,26 @@ class SglangBackend(EngineBackend):
         except AssertionError as error:  # SGLang reports a failed call this way
             raise AdapterError(str(error) or f"{method} failed in the engine") from error
 
-    async def load_talan(self, adapter_id: int, checkpoint_dir: str) -> None:
-        await self._rpc("talan_load_adapter", adapter=adapter_id, checkpoint_dir=checkpoint_dir)
+    async def load_talan(self, adapter_id: int, config: TalanConfig,
+                         tensors: dict[str, Any]) -> None:
+        await self._rpc("talan_add_adapter", adapter=adapter_id, config=config.to_dict(),
+                        weights=tensor_bytes(tensors))
 
     async def unload_talan(self, adapter_id: int) -> None:
         await self._rpc("talan_unload_adapter", adapter=adapter_id)
 
-    async def load_lora(self, name: str, adapter_id: int, lora_dir: Path) -> Any:
-        from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput
+    async def load_lora(self, name: str, adapter_id: int, weights: AdapterWeights) -> Any:
+        from sglang.srt.managers.io_struct import LoadLoRAAdapterFromTensorsReqInput
+        from sglang.srt.utils import MultiprocessingSerializer
 
-        result = await self._manager.load_lora_adapter(
-            LoadLoRAAdapterReqInput(lora_name=name, lora_path=str(lora_dir)), None)
+        # The validated tensors, one serialized copy per tensor-parallel rank (as
+        # sglang.Engine.load_lora_adapter_from_tensors sends them).
+        payload = await asyncio.to_thread(MultiprocessingSerializer.serialize, weights.lora)
+        result = await self._manager.load_lora_adapter_from_tensors(
+            LoadLoRAAdapterFromTensorsReqInput(
+                lora_name=name, config_dict=weights.lora_config,
+                serialized_named_tensors=[payload] * self.config.tensor_parallel_size),
+            None)
         if not result.success:
             raise AdapterError(f"adapter {name!r}: SGLang refused its LoRA: "
                                f"{result.error_message}")

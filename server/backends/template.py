@@ -23,21 +23,24 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-from contextlib import nullcontext
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from server.adapter_dir import AdapterDirectory
 from server.adapters import (
     ONE_CHECKPOINT,
     AdapterError,
     AdapterRegistry,
     ModelNotFoundError,
+    OnDemand,
     RequestRoute,
     ServedAdapters,
     size_adapters,
 )
-from server.backends.base import ModelInfo, SequenceDelta
+from server.backends.base import GenerateRequest, ModelInfo, SequenceDelta
 from server.parsing import (
     REASONING,
     TOOLS,
@@ -98,10 +101,15 @@ class BackendConfig:
     # "none"; resolved at start (``EngineBackend.reasoning_parser``, ``.tool_parser``).
     reasoning_parser: str = "auto"
     tool_call_parser: str = "auto"
+    # Folders of checkpoints loaded on their first request (``server.adapter_dir``), the
+    # host-memory cache of evicted ones, and how many requests may wait for theirs.
+    adapter_dirs: tuple[str, ...] = ()
+    adapter_cache_bytes: int = 2**30
+    adapter_queue_size: int = 64
 
     @property
     def many_adapters(self) -> bool:
-        return bool(self.adapters or self.talan_connection_points)
+        return bool(self.adapters or self.talan_connection_points or self.adapter_dirs)
 
 
 @dataclass(frozen=True)
@@ -239,11 +247,17 @@ class EngineBackend:
         self.prepared = None
         self.served_adapters: ServedAdapters | None = None
         if config.many_adapters:
+            on_demand = None
+            if config.adapter_dirs:
+                on_demand = OnDemand(AdapterDirectory(config.adapter_dirs),
+                                     config.adapter_cache_bytes, config.adapter_queue_size)
             sizing = size_adapters(
                 config.model_dir, config.adapters, config.max_adapters,
                 config.talan_state_slots, config.talan_connection_points,
-                config.max_lora_rank, self.lora_rank_for, self.captures_decode_graphs())
-            self.served_adapters = ServedAdapters(sizing.registry, self, config.served_name)
+                config.max_lora_rank, self.lora_rank_for, self.captures_decode_graphs(),
+                on_demand.directory if on_demand is not None else None)
+            self.served_adapters = ServedAdapters(sizing.registry, self, config.served_name,
+                                                  on_demand)
             from talan_serve.prepared import prepare_adapter_base
 
             launch = EngineLaunch(prepare_adapter_base(config.model_dir,
@@ -319,17 +333,17 @@ class EngineBackend:
 
     # --- routes and adapters -------------------------------------------------------------
 
-    def route(self, model: str | None, talan_enabled: bool) -> RequestRoute:
-        """What a request runs, by its ``model`` and its switch."""
+    @asynccontextmanager
+    async def routed(self, request: GenerateRequest) -> AsyncIterator[RequestRoute]:
+        """What a request runs, by its ``model`` and its switch, while it runs (on a
+        server of many: its adapter loaded first if need be, and counted in flight)."""
         if self.served_adapters is None:
-            return RequestRoute(None, self.checkpoint_lora, switch_args(talan_enabled))
-        return self.served_adapters.route(model, talan_enabled)
-
-    def in_flight(self, route: RequestRoute):
-        """A context that counts the request against its adapter while it runs."""
-        if self.served_adapters is None:
-            return nullcontext()
-        return self.served_adapters.in_flight(route)
+            yield RequestRoute(None, self.checkpoint_lora,
+                               switch_args(request.sampling.talan_enabled))
+            return
+        async with self.served_adapters.serving(request.model,
+                                                request.sampling.talan_enabled) as route:
+            yield route
 
     @property
     def registry(self) -> AdapterRegistry | None:
@@ -339,10 +353,10 @@ class EngineBackend:
         for name, path in self.config.adapters.items():
             await self.load_adapter(name, path)
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str, path: str, within: Path | None = None) -> None:
         if self.served_adapters is None:
             raise AdapterError(ONE_CHECKPOINT)
-        await self.served_adapters.load(name, path)
+        await self.served_adapters.load(name, path, within)
 
     async def unload_adapter(self, name: str) -> None:
         if self.served_adapters is None:

@@ -35,6 +35,8 @@ from server.backends.template import (
     has_gpu,
 )
 from server.backends.vllm_parsers import VllmParsers
+from talan_serve.adapter_files import AdapterWeights, tensor_bytes
+from talan_serve.config import TalanConfig
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
@@ -233,11 +235,6 @@ class VllmBackend(EngineBackend):
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError
 
-        route = self.route(request.model, request.sampling.talan_enabled)
-        try:
-            params = sampling_params(request.sampling, request.stream, route.talan_args)
-        except (VLLMValidationError, ValueError) as error:
-            raise EngineInputError(str(error)) from error
         prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
@@ -248,16 +245,20 @@ class VllmBackend(EngineBackend):
                                                       request.sampling.reasoning_kwargs or {}})
         first = True
         texts: dict[int, FullText] = {}
-        try:
-            with self.in_flight(route):
+        async with self.routed(request) as route:
+            try:
+                params = sampling_params(request.sampling, request.stream, route.talan_args)
+            except (VLLMValidationError, ValueError) as error:
+                raise EngineInputError(str(error)) from error
+            try:
                 async for out in self._llm.generate(prompt, params, request.request_id,
                                                     lora_request=route.lora, **reasoning):
                     yield self._output(request, out, params, texts, first)
                     first = False
-        except VllmDeadError as error:
-            raise EngineDeadError(str(error)) from error
-        except (VLLMValidationError, ValueError) as error:
-            raise EngineInputError(str(error)) from error
+            except VllmDeadError as error:
+                raise EngineDeadError(str(error)) from error
+            except (VLLMValidationError, ValueError) as error:
+                raise EngineInputError(str(error)) from error
 
     def _output(self, request: GenerateRequest, out: Any, params: Any,
                 texts: dict[int, FullText], first: bool) -> GenerateOutput:
@@ -294,18 +295,22 @@ class VllmBackend(EngineBackend):
     # --- AdapterEngine: TALAN blocks through the workers' extension
     # (talan_serve.plugins.vllm.worker), LoRAs as vLLM LoRARequests -----------------------
 
-    async def load_talan(self, adapter_id: int, checkpoint_dir: str) -> None:
-        await self._llm.collective_rpc("talan_load_adapter", args=(adapter_id, checkpoint_dir))
+    async def load_talan(self, adapter_id: int, config: TalanConfig,
+                         tensors: dict[str, Any]) -> None:
+        await self._llm.collective_rpc("talan_add_adapter", args=(
+            adapter_id, config.to_dict(), tensor_bytes(tensors)))
 
     async def unload_talan(self, adapter_id: int) -> None:
         await self._llm.collective_rpc("talan_unload_adapter", args=(adapter_id,))
 
-    async def load_lora(self, name: str, adapter_id: int, lora_dir: Path) -> Any:
+    async def load_lora(self, name: str, adapter_id: int, weights: AdapterWeights) -> Any:
         from talan_serve.plugins.vllm import lora_request_for
 
-        lora = lora_request_for(name, adapter_id, lora_dir)
-        await self._llm.add_lora(lora)
-        return lora
+        # The validated tensors go to every worker's LoRA cache; the request's handle
+        # then finds them there (its path is what vLLM would read were they not).
+        await self._llm.collective_rpc("talan_add_lora", args=(
+            adapter_id, weights.lora_config, tensor_bytes(weights.lora)))
+        return lora_request_for(name, adapter_id, weights.path)
 
     async def unload_lora(self, adapter_id: int, handle: Any) -> None:
         await self._llm.remove_lora(adapter_id)

@@ -1,19 +1,35 @@
-"""One ``talan-serve --engine E`` process, one base model, several TALAN(+LoRA) adapters.
+"""One ``talan-serve --engine E`` process, one base model, many TALAN(+LoRA) adapters.
 
-Started with two adapters (``--adapters``); a third is loaded at run time from an
-allowlisted directory and unloaded again. Every adapter's greedy completion equals the
-transformers reference of that checkpoint (ids and logprobs within 1e-4), the base model
-equals the plain base model, and the OpenAI SDK works against it unchanged.
+Started with two adapters (``--adapters``, pinned) and a directory of 10 more
+(``--adapter-dir``, 3 places for them: ``--max-adapters 5``); a third adapter is loaded
+at run time from an allowlisted directory and unloaded again. Every adapter's greedy
+completion equals the transformers reference of that checkpoint (ids and logprobs within
+1e-4), the base model equals the plain base model, and the OpenAI SDK works against it
+unchanged. The directory's part (``test_adapter_dir_*``): requests cycle through all 10,
+so each is evicted and loaded again (from the host cache the second time), a burst for
+one adapter loads it once, and each hostile entry is refused with its reason.
 """
 
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
 from tests.contract.conftest import serve
+from tests.contract.library import (
+    LIBRARY,
+    LIBRARY_PLACES,
+    LISTED_REFUSED,
+    PINNED,
+    REFUSED_FOLDERS,
+    REFUSED_NAMES,
+    build_library,
+    library_references,
+)
+from tests.contract.library import STEPS as LIBRARY_STEPS
 from tests.contract.support import TOL, greedy
 from tests.server.support import SERVED_NAME
 
@@ -39,6 +55,7 @@ def setup(tiny_model, workdir):
              for name, options in ADAPTERS.items()}
     outside = workdir / "outside" / "gamma"
     shutil.copytree(paths["gamma"], outside)
+    build_library(workdir / "library", paths, outside)
     return model_dir, paths, outside
 
 
@@ -47,8 +64,9 @@ def server(engine, setup, workdir):
     model_dir, paths, _ = setup
     proc = serve(
         engine, model_dir, workdir, "--adapters", f"alpha={paths['alpha']}",
-        f"beta={paths['beta']}",
-        "--allowed-adapter-dirs", str(paths["gamma"].parent), "--max-lora-rank", "8",
+        f"beta={paths['beta']}", "--adapter-dir", str(workdir / "library"),
+        "--max-adapters", str(PINNED + LIBRARY_PLACES), "--allowed-adapter-dirs",
+        str(paths["gamma"].parent), str(workdir / "library"), "--max-lora-rank", "8",
         "--max-talan-slots", "4")
     yield proc
     proc.stop()
@@ -100,10 +118,15 @@ def model_ids(server) -> dict[str, dict]:
         return {card["id"]: card for card in c.get("/v1/models").json()["data"]}
 
 
+def loaded_names(server) -> set[str]:
+    return {name for name, card in model_ids(server).items() if card["loaded"]}
+
+
 def test_models_list_the_base_and_each_adapter(server, setup):
     _, paths, _ = setup
     cards = model_ids(server)
-    assert set(cards) == {SERVED_NAME, "alpha", "beta"}
+    assert loaded_names(server) == {SERVED_NAME, "alpha", "beta"}
+    assert cards["alpha"]["pinned"] is True and cards["beta"]["pinned"] is True
     assert cards[SERVED_NAME]["talan"] is False and cards[SERVED_NAME]["parent"] is None
     assert cards["alpha"]["parent"] == SERVED_NAME
     assert cards["alpha"]["root"] == str(paths["alpha"].resolve())
@@ -162,6 +185,121 @@ def test_load_serve_unload_at_run_time(server, client, references, setup):
     with pytest.raises(openai.NotFoundError) as error:
         completion(client, "gamma")
     assert error.value.body["code"] == "model_not_found"
-    assert set(model_ids(server)) == {SERVED_NAME, "alpha", "beta"}
+    assert "gamma" not in model_ids(server)
+    assert loaded_names(server) == {SERVED_NAME, "alpha", "beta"}
     for name, logprobs in before.items():
         assert completion(client, name).logprobs.token_logprobs == logprobs
+
+
+# --- --adapter-dir: more adapters than places, loaded on demand ---------------------------
+
+@pytest.fixture(scope="module")
+def library_wants(setup, workdir, references):
+    _, tokenizer = references
+    return library_references(setup[0], workdir / "library", tokenizer(PROMPT).input_ids)
+
+
+def ask(server, model: str):
+    with server.client() as client:
+        return client.post("/v1/completions", json={
+            "model": model, "prompt": PROMPT, "max_tokens": LIBRARY_STEPS, "temperature": 0,
+            "logprobs": 0, "ignore_eos": True, "return_tokens_as_token_ids": True})
+
+
+def assert_library_reference(server, wants, model: str) -> None:
+    response = ask(server, model)
+    assert response.status_code == 200, response.text
+    logprobs = response.json()["choices"][0]["logprobs"]
+    want_ids, want_lps = wants[model]
+    assert [int(token.removeprefix("token_id:")) for token in logprobs["tokens"]] == want_ids
+    assert logprobs["token_logprobs"] == pytest.approx(want_lps, abs=TOL)
+
+
+def adapter_metrics(server) -> dict[str, float]:
+    found = {source: server.metric("talan_serve_adapter_loads_total", f'source="{source}"')
+             for source in ("disk", "cache")}
+    found["evicted"] = server.metric("talan_serve_adapter_evictions_total")
+    found["loaded"] = server.metric("talan_serve_adapters_loaded")
+    for reason in ("name", "path", "checkpoint", "unfit"):
+        found[reason] = server.metric("talan_serve_adapter_refused_total",
+                                      f'reason="{reason}"')
+    return found
+
+
+def test_adapter_dir_models_list_every_entry_with_whether_it_is_loaded(server):
+    cards = model_ids(server)
+    assert set(cards) == {SERVED_NAME, "alpha", "beta", *LIBRARY, *LISTED_REFUSED}
+    assert loaded_names(server) == {SERVED_NAME, "alpha", "beta"}
+    assert {cards[name]["pinned"] for name in LIBRARY} == {False}
+    assert cards["a0"]["parent"] == SERVED_NAME and cards["a0"]["talan"] is True
+    assert (cards["a0"]["adapter"], cards["a1"]["adapter"]) == ("per_request", None)
+
+
+def test_adapter_dir_cycling_through_more_adapters_than_places(server, references,
+                                                               library_wants):
+    """Two rounds over the 10, 4 requests at a time on 3 places: each answer equals its
+    reference; round one loads each from disk, round two each from the cache (it was
+    evicted in between); the pinned adapters are never evicted."""
+    client = server.openai()
+    before = {name: assert_reference(client, references, name) for name in ("alpha", "beta")}
+    start = adapter_metrics(server)
+    for round_index, source in enumerate(("disk", "cache"), start=1):
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda name: assert_library_reference(server, library_wants, name),
+                          LIBRARY))
+        counts = {key: value - start.get(key, 0) for key, value in adapter_metrics(server).items()}
+        assert counts[source] == len(LIBRARY), counts
+        assert counts["disk"] + counts["cache"] == round_index * len(LIBRARY), counts
+        assert counts["evicted"] == round_index * len(LIBRARY) - LIBRARY_PLACES, counts
+        assert adapter_metrics(server)["loaded"] == PINNED + LIBRARY_PLACES
+    assert len(loaded_names(server) & set(LIBRARY)) == LIBRARY_PLACES
+    assert {"alpha", "beta"} <= loaded_names(server)
+    for name, logprobs in before.items():
+        assert completion(client, name).logprobs.token_logprobs == logprobs
+
+
+def test_adapter_dir_burst_for_one_adapter_loads_it_once(server, library_wants):
+    before = adapter_metrics(server)
+    name = next(name for name in LIBRARY if name not in loaded_names(server))
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda _: assert_library_reference(server, library_wants, name),
+                      range(6)))
+    after = adapter_metrics(server)
+    assert after["disk"] + after["cache"] == before["disk"] + before["cache"] + 1
+    assert after["evicted"] == before["evicted"] + 1
+
+
+def test_adapter_dir_hostile_entries_are_refused_with_their_reason(server, library_wants,
+                                                                   workdir):
+    before = adapter_metrics(server)
+    resident = loaded_names(server)
+    asked = [(name, *answer) for name, answer in REFUSED_FOLDERS.items()] + [
+        (name, 400, "invalid_adapter_name", "name", message)
+        for name, message in REFUSED_NAMES.items()]
+    for name, status, code, _, message in asked:
+        for _ in range(2):  # the second answer comes from the refusal's memory
+            response = ask(server, name)
+            assert response.status_code == status, (name, response.text)
+            error = response.json()["error"]
+            assert message in error["message"], (name, error)
+            assert (error["code"], error["param"]) == (code, "model"), (name, error)
+    after = adapter_metrics(server)
+    for reason in ("name", "path", "checkpoint", "unfit"):
+        assert after[reason] - before[reason] == 2 * sum(r == reason for *_, r, _ in asked)
+    for key in ("disk", "cache", "evicted", "loaded"):
+        assert after[key] == before[key], key  # no place taken, nothing evicted
+    assert loaded_names(server) == resident
+    library = workdir / "library"
+    with server.client() as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        # The run-time load endpoint validates every checkpoint the same way.
+        for folder, status, message in (("nan_lora", 400, "is not finite"),
+                                        ("pickled", 400, "pickle files are refused"),
+                                        ("inner_link", 403, "leads out of")):
+            refused = c.post("/v1/load_lora_adapter",
+                             json={"lora_name": "x", "lora_path": str(library / folder)})
+            assert refused.status_code == status, refused.text
+            assert message in refused.json()["error"]["message"]
+    assert loaded_names(server) == resident
+    for name in sorted(resident & set(LIBRARY)):  # the others keep serving
+        assert_library_reference(server, library_wants, name)

@@ -115,6 +115,13 @@ def test_adapters_resolve_to_a_base_and_named_checkpoints(tmp_path):
         (["--adapters", f"x={tmp_path / 'missing'}"], "no such checkpoint directory"),
         (["--adapters", f"x={twin}", "--talan", str(twin)], "give that checkpoint as"),
         (["--adapters", f"x={twin}", "-dp", "2"], "one server per replica"),
+        (["--adapter-dir", str(tmp_path / "missing")], "no such directory"),
+        # The default model's checkpoint and x are pinned: no place left for the directory.
+        (["--adapters", f"x={twin}", "--adapter-dir", str(tmp_path), "--max-adapters", "2"],
+         "2 adapters given at start are pinned"),
     ):
         with pytest.raises(UsageError, match=message):
             resolve(build_parser().parse_args(argv))
+    # A directory alone makes a server of many: the default model's checkpoint pinned.
+    plan = resolve(build_parser().parse_args(["--adapter-dir", str(tmp_path)]))
+    assert plan.adapters == {"smollm2-talan-demo": str(demo)} and plan.checkpoint is None

@@ -14,7 +14,7 @@ from typing import Any
 
 from talan_serve.plugins.sglang import _compat
 
-METHODS = ("talan_load_adapter", "talan_unload_adapter")
+METHODS = ("talan_load_adapter", "talan_add_adapter", "talan_unload_adapter")
 
 
 class TalanSchedulerRpc:
@@ -37,6 +37,18 @@ class TalanSchedulerRpc:
         if layer is None:  # every connection point is on another pipeline stage
             return
         layer.side_path.load(adapter, checkpoint_dir, next(self._model().parameters()).device)
+
+    def talan_add_adapter(self, adapter: int, config: dict, weights: bytes) -> None:
+        """Add a TALAN block the server has validated, as ``adapter``: its config and its
+        tensors as safetensors bytes (``talan_serve.adapter_files.tensor_bytes``)."""
+        from talan_serve.adapter_files import tensors_from_bytes
+        from talan_serve.config import TalanConfig
+
+        layer = self._talan_layer()
+        if layer is None:  # every connection point is on another pipeline stage
+            return
+        layer.side_path.add(adapter, TalanConfig.from_dict(config),
+                            tensors_from_bytes(weights), next(self._model().parameters()).device)
 
     def talan_unload_adapter(self, adapter: int) -> None:
         layer = self._talan_layer()

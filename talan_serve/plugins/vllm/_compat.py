@@ -17,7 +17,9 @@ from vllm import ModelRegistry, SamplingParams
 from vllm.config import CompilationConfig, get_current_vllm_config
 from vllm.config.lora import MaxLoRARanks
 from vllm.forward_context import get_forward_context
+from vllm.lora.peft_helper import PEFTHelper
 from vllm.lora.request import LoRARequest
+from vllm.lora.utils import parse_fine_tuned_lora_name
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
 from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
@@ -26,6 +28,7 @@ from vllm.model_executor.models.interfaces import (
     IsHybrid,
     SupportsMambaPrefixCaching,
 )
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
@@ -104,3 +107,36 @@ def add_splitting_op(compilation_config) -> None:
     elif compilation_config.splitting_ops and SPLITTING_OP not in compilation_config.splitting_ops:
         compilation_config.splitting_ops.append(SPLITTING_OP)
 
+
+
+def add_lora_tensors(worker, lora_id: int, config: dict, tensors: dict) -> None:
+    """Put a LoRA, given as PEFT's config and tensors, into a worker's LoRA cache under
+    ``lora_id``: what ``LRUCacheWorkerLoRAManager.add_adapter`` does for a request's
+    ``LoRARequest`` (vllm/lora/worker_manager.py, ``_load_adapter``), without reading a
+    folder. A request whose ``LoRARequest`` has that id then finds it loaded."""
+    manager = worker.model_runner.lora_manager
+    adapters = manager._adapter_manager
+    expected: set[str] = set()
+    for module in adapters.supported_lora_modules:
+        expected.update(adapters.packed_modules_mapping.get(module, [module]))
+    peft = PEFTHelper.from_dict({**config,
+                                 "vllm_max_position_embeddings":
+                                     manager.max_position_embeddings})
+    peft.validate_legal(manager.lora_config)
+    model = adapters.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    mapper = mapper.get_rename_mapper() if mapper is not None else None
+    for name in tensors:
+        module, _ = parse_fine_tuned_lora_name(name, mapper)
+        if module.rsplit(".", 1)[-1] not in expected:
+            raise ValueError(f"LoRA tensor {name}: vLLM serves LoRAs on "
+                             f"{sorted(expected)} of this model only")
+    lora = manager._lora_model_cls.from_lora_tensors(
+        lora_model_id=lora_id, tensors=tensors, peft_helper=peft, device="cpu",
+        dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
+        weights_mapper=mapper, skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+    with gpu_sync_allowed():
+        adapters.remove_adapter(lora_id)
+        if len(adapters) + 1 > adapters.capacity:
+            adapters.remove_oldest_adapter()
+        adapters.add_adapter(lora)

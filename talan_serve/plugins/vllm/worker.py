@@ -28,6 +28,25 @@ class TalanWorkerExtension:
         for layer in self._talan_layers():
             layer.side_path.load(adapter, checkpoint_dir, layer.row_adapter_buffer.device)
 
+    def talan_add_adapter(self, adapter: int, config: dict, weights: bytes) -> None:
+        """Add a TALAN block the server has validated, as ``adapter``: its config and
+        its tensors as safetensors bytes (``talan_serve.adapter_files.tensor_bytes``)."""
+        from talan_serve.adapter_files import tensors_from_bytes
+        from talan_serve.config import TalanConfig
+
+        talan_config, tensors = TalanConfig.from_dict(config), tensors_from_bytes(weights)
+        for layer in self._talan_layers():
+            layer.side_path.add(adapter, talan_config, tensors,
+                                layer.row_adapter_buffer.device)
+
+    def talan_add_lora(self, lora_id: int, config: dict, weights: bytes) -> None:
+        """Add a LoRA the server has validated (PEFT's config, its tensors as safetensors
+        bytes) to this worker's LoRA cache as ``lora_id``."""
+        from talan_serve.adapter_files import tensors_from_bytes
+        from talan_serve.plugins.vllm._compat import add_lora_tensors
+
+        add_lora_tensors(self, lora_id, config, tensors_from_bytes(weights))
+
     def talan_unload_adapter(self, adapter: int) -> None:
         for layer in self._talan_layers():
             layer.side_path.unload(adapter)

@@ -1,0 +1,212 @@
+"""An adapter's files, validated whole before a server gives it a place.
+
+``load_checkpoint`` checks what a checkpoint promises (manifest, checksums, config, the
+TALAN tensors against the config). A server that serves checkpoints from folders it does
+not write also needs them to be harmless and to fit its base model, so ``read_adapter``
+adds, for every checkpoint a server loads (``--adapters``, ``--adapter-dir``,
+``/v1/load_lora_adapter``):
+
+* no pickle anywhere in the folder (only safetensors are read; nothing is unpickled);
+* no file that resolves out of the folder it must stay in (a symlink out of DIR);
+* every tensor finite, TALAN's and the LoRA's;
+* the TALAN config fits the base (hidden size, connection point);
+* the LoRA's tensors are A/B pairs of the rank its config gives, on linear weights the
+  base model has, of their shapes (read from the base's safetensors headers, no tensor
+  data).
+
+What the server was sized for (state slots, kinds, LoRA rank) is checked by the server
+(``server.adapters``). The result holds the validated tensors, so that an engine loads
+exactly what was checked, and a host-memory cache can reload it without the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load, load_file, save
+from torch import Tensor
+
+from talan_serve.checkpoint import (
+    ADAPTER_FILES,
+    PICKLE_SUFFIXES,
+    CheckpointError,
+    check_finite,
+    load_checkpoint,
+)
+from talan_serve.config import TalanConfig
+
+# PEFT's key for one LoRA matrix of a module: base_model.model.<module>.lora_A.weight
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.weight$")
+_HEADER_LIMIT = 100 * 2**20  # a safetensors header larger than this is not a model's
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """What a base model's files say about its shape: the residual width, the decoder
+    layers and every weight's shape (from the safetensors headers alone)."""
+
+    hidden_size: int
+    num_layers: int
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def read(cls, model_dir: str | Path) -> BaseWeights:
+        root = Path(model_dir)
+        record = json.loads((root / "config.json").read_text())
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in sorted(root.glob("*.safetensors")):
+            shapes.update(safetensors_shapes(file))
+        return cls(int(record["hidden_size"]), int(record["num_hidden_layers"]), shapes)
+
+
+def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in a safetensors file, from its header (no tensor is read)."""
+    with open(file, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        if size > _HEADER_LIMIT:
+            raise CheckpointError(f"{file}: not a safetensors file (header of {size} bytes)")
+        header = json.loads(handle.read(size))
+    return {name: tuple(entry["shape"]) for name, entry in header.items()
+            if name != "__metadata__"}
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """One adapter's validated contents: its TALAN config and tensors (None: LoRA only),
+    its LoRA's PEFT config and tensors (None: TALAN only) and the LoRA's rank."""
+
+    path: Path
+    base_model: str
+    config: TalanConfig | None
+    talan: dict[str, Tensor] | None
+    lora_config: dict[str, Any] | None
+    lora: dict[str, Tensor] | None
+    lora_rank: int | None
+
+    @property
+    def has_talan(self) -> bool:
+        return self.config is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory its tensors take (what a cache of adapters counts)."""
+        tensors = [*(self.talan or {}).values(), *(self.lora or {}).values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def refuse_pickles(root: Path) -> None:
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(f"{root}: {', '.join(pickles)}: pickle files are refused "
+                              "(only safetensors are read; nothing is ever unpickled)")
+
+
+def check_within(root: Path, within: Path) -> None:
+    """Refuse a checkpoint folder, or a file in it, that resolves out of ``within``."""
+    inside = Path(os.path.realpath(within))
+    for path in (root, *sorted(root.iterdir())):
+        resolved = Path(os.path.realpath(path))
+        if resolved != inside and inside not in resolved.parents:
+            raise PermissionError(f"{path.name if path != root else root}: a symlink that "
+                                  f"leads out of {within} (to {resolved})")
+
+
+def _lora_tensors(root: Path) -> dict[str, Tensor]:
+    file = root / ADAPTER_FILES[1]
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{file}: unreadable safetensors: {error}") from None
+
+
+def check_lora(root: Path, config: dict[str, Any], tensors: dict[str, Tensor],
+               base: BaseWeights) -> int:
+    """Raise ``CheckpointError`` unless ``tensors`` are a LoRA of ``config`` on ``base``;
+    the LoRA's rank."""
+    where = root / ADAPTER_FILES[1]
+    if config.get("use_dora"):
+        raise CheckpointError("DoRA adapters are served merged into the weights, one per "
+                              "server: serve this checkpoint on its own")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{root / ADAPTER_FILES[0]}: peft_type "
+                              f"{config.get('peft_type')!r} is not a LoRA")
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise CheckpointError(f"{root / ADAPTER_FILES[0]}: r must be an integer >= 1, "
+                              f"got {rank!r}")
+    patterned = bool(config.get("rank_pattern"))
+    halves: dict[str, dict[str, Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _LORA_KEY.match(name)
+        if match is None:
+            raise CheckpointError(f"{where}: unexpected tensor {name} (a LoRA holds "
+                                  "lora_A and lora_B weights only)")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{where}: tensor {name} is {tensor.dtype}, not floating")
+        check_finite(where, name, tensor)
+        halves.setdefault(match["module"], {})[match["half"]] = tensor
+    if not halves:
+        raise CheckpointError(f"{where}: holds no LoRA tensor")
+    largest = 0
+    for module, pair in sorted(halves.items()):
+        if set(pair) != {"A", "B"}:
+            raise CheckpointError(f"{where}: {module} has lora_{''.join(pair)} without "
+                                  f"its lora_{'B' if 'A' in pair else 'A'}")
+        target = base.shapes.get(f"{module}.weight")
+        if target is None or len(target) != 2:
+            raise CheckpointError(f"{where}: {module} is not a linear layer of the base "
+                                  "model")
+        out_features, in_features = target
+        a, b = pair["A"], pair["B"]
+        r = a.shape[0]
+        if (a.dim(), b.dim()) != (2, 2) or tuple(a.shape) != (r, in_features) \
+                or tuple(b.shape) != (out_features, r):
+            raise CheckpointError(
+                f"{where}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                f"do not fit the base model's weight {target} at rank {r} (need "
+                f"({r}, {in_features}) and ({out_features}, {r}))")
+        if r != rank and not patterned:
+            raise CheckpointError(f"{where}: {module} has rank {r}, the config's r is "
+                                  f"{rank}")
+        largest = max(largest, r)
+    return largest
+
+
+def read_adapter(path: str | Path, base: BaseWeights,
+                 within: Path | None = None) -> AdapterWeights:
+    """Read and validate the checkpoint at ``path`` for a server on ``base`` (module
+    docstring); ``within``: the folder its files must resolve into. Raises
+    ``CheckpointError`` (or ``PermissionError`` for a path out of ``within``)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
+    if within is not None:
+        check_within(root, within)
+    refuse_pickles(root)
+    checkpoint = load_checkpoint(root)
+    checkpoint.check_host(base.hidden_size, base.num_layers)
+    lora_config = lora = rank = None
+    if checkpoint.adapter_dir is not None:
+        # load_checkpoint has read it as a JSON object already.
+        lora_config = json.loads((root / ADAPTER_FILES[0]).read_text())
+        lora = _lora_tensors(root)
+        rank = check_lora(root, lora_config, lora, base)
+    return AdapterWeights(root, checkpoint.base_model, checkpoint.config,
+                          checkpoint.state_dict, lora_config, lora, rank)
+
+
+def tensor_bytes(tensors: dict[str, Tensor]) -> bytes:
+    """Validated tensors as safetensors bytes: how they cross into an engine's processes
+    (no pickle, the receiver reads them with ``tensors_from_bytes``)."""
+    return save({name: t.contiguous() for name, t in tensors.items()})
+
+
+def tensors_from_bytes(data: bytes) -> dict[str, Tensor]:
+    return load(bytes(data))
