@@ -7,8 +7,9 @@ parser that ``auto`` finds in the chat template (one server at a time: the cases
 vLLM's first and its answers are kept). Each case's output is forced, by constrained decoding or
 by the tokens it may use, so that the split shows reasoning and content (or a call); both
 servers run it greedily, whole and streamed, and must give the same split. Two more of
-the registry's tool-call parsers (``pythonic``, ``xlam``) get a vLLM server each, whose
-forced call talan-serve's parsing must read the same from the same tokens.
+the registry's tool-call parsers (``pythonic``, ``xlam``): vLLM's server's answer to a
+forced call, recorded in ``tests/data/parsers`` (with the vLLM version it came from), must
+be what talan-serve's parsing reads from the same tokens.
 """
 
 from __future__ import annotations
@@ -254,28 +255,62 @@ FORCED_CALLS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(FORCED_CALLS))
-def vllm_call(request, model, talan, tmp_path_factory):
-    """``(parser, request, vLLM's chat response, its streamed split)`` for a forced call;
-    this module's talan-serve is stopped first (one engine at a time; these tests run
-    last)."""
+# vLLM's server answers for these are recorded in the repository (two more server starts
+# otherwise); TALAN_RECORD_VLLM_PARITY=1 records them again, which a new vLLM requires.
+RECORDED = Path(__file__).parent.parent / "data" / "parsers" / "vllm_tool_calls.json"
+
+
+def forced_call_request(parser: str) -> dict:
     import re
 
-    talan.stop()
-    parser = request.param
-    server = start_vllm(model, tmp_path_factory.mktemp(f"vllm-{parser}"), tool_parser=parser,
-                        reasoning_parser=None)
-    body = {"model": SERVED_NAME, "messages": QUESTION, "temperature": 0, "max_tokens": 60,
+    return {"model": SERVED_NAME, "messages": QUESTION, "temperature": 0, "max_tokens": 60,
             "tools": [WEATHER], "tool_choice": "auto", "return_token_ids": True,
             "chat_template_kwargs": {"enable_thinking": False},
             "structured_outputs": {"regex": re.escape(FORCED_CALLS[parser])}}
-    try:
-        with httpx.Client(base_url=server.base_url, timeout=120) as client:
-            response = client.post("/v1/chat/completions", json=body)
-            assert response.status_code == 200, response.text
-            yield parser, body, response.json(), streamed(client, body)
-    finally:
-        stop_group(server)
+
+
+def record_forced_calls(model: Path, workdir: Path) -> dict:
+    import vllm
+
+    recorded = {"vllm": vllm.__version__, "calls": {}}
+    for parser in sorted(FORCED_CALLS):
+        server = start_vllm(model, workdir / f"vllm-{parser}", tool_parser=parser,
+                            reasoning_parser=None)
+        body = forced_call_request(parser)
+        try:
+            with httpx.Client(base_url=server.base_url, timeout=120) as client:
+                response = client.post("/v1/chat/completions", json=body)
+                assert response.status_code == 200, response.text
+                recorded["calls"][parser] = {"response": response.json(),
+                                             "streamed": streamed(client, body)}
+        finally:
+            stop_group(server)
+    RECORDED.parent.mkdir(parents=True, exist_ok=True)
+    RECORDED.write_text(json.dumps(recorded, indent=1) + "\n")
+    return recorded
+
+
+@pytest.fixture(scope="module")
+def recorded_calls(model, tmp_path_factory) -> dict:
+    if os.environ.get("TALAN_RECORD_VLLM_PARITY") == "1":
+        return record_forced_calls(model, tmp_path_factory.mktemp("vllm-calls"))["calls"]
+    import vllm
+
+    recorded = json.loads(RECORDED.read_text())
+    assert recorded["vllm"] == vllm.__version__, (
+        f"{RECORDED.name} was recorded with vLLM {recorded['vllm']}, this is "
+        f"{vllm.__version__}: record it again with TALAN_RECORD_VLLM_PARITY=1")
+    return recorded["calls"]
+
+
+@pytest.fixture(params=sorted(FORCED_CALLS))
+def vllm_call(request, recorded_calls):
+    """``(parser, request, vLLM's chat response, its streamed split)`` for a forced call."""
+    parser = request.param
+    call = recorded_calls[parser]
+    streamed_split = {**call["streamed"],
+                      "tool_calls": [tuple(c) for c in call["streamed"]["tool_calls"]]}
+    return parser, forced_call_request(parser), call["response"], streamed_split
 
 
 def test_more_tool_parsers_equal_vllm(vllm_call, model):
