@@ -17,6 +17,7 @@ from pydantic import BaseModel, Discriminator, Field, StrictBool, StrictInt, Str
 from server.schemas import (
     MAX_STOP,
     Bias,
+    FunctionDefinition,
     Int64,
     JsonObject,
     Penalty,
@@ -100,14 +101,11 @@ InputItem = Annotated[
 ]
 
 
-class FunctionTool(_Request):
-    """A function the model may call (the Responses API's flat form)."""
+class FunctionTool(FunctionDefinition):
+    """A function the model may call (the Responses API's flat form: chat's function
+    definition beside its ``type``)."""
 
     type: Literal["function"]
-    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
-    description: StrictStr | None = None
-    parameters: JsonObject | None = None
-    strict: StrictBool | None = None
 
 
 class NamedFunctionChoice(_Request):
