@@ -203,7 +203,9 @@ class ResponseBuilder:
 
     def event(self, kind: str, **fields: Any) -> str:
         self.sequence += 1
-        return sse({"type": kind, "sequence_number": self.sequence - 1, **fields})
+        # The event line as OpenAI's and vLLM's servers send it (clients may dispatch on it).
+        return f"event: {kind}\n" + sse({"type": kind, "sequence_number": self.sequence - 1,
+                                         **fields})
 
     def _open(self, item: dict) -> list[str]:
         events = self.close()

@@ -157,3 +157,21 @@ def test_store_false_and_defaults_are_accepted(server):
     body = response.json()
     assert body["object"] == "response" and body["store"] is False
     assert body["usage"]["output_tokens"] == 2
+
+
+def test_each_streamed_event_is_named_as_its_type(server):
+    """Every SSE event carries an ``event:`` line equal to its data's ``type``, as OpenAI's
+    and vLLM's servers send them."""
+    with server.client() as c, c.stream("POST", "/v1/responses", json={
+            "input": "hi", "max_output_tokens": 3, "temperature": 0, "stream": True}) as r:
+        assert r.status_code == 200
+        blocks = [b for b in r.read().decode().split("\n\n") if b.strip()]
+    pairs = []
+    for block in blocks:
+        event, data = block.split("\n")
+        assert event.startswith("event: ") and data.startswith("data: "), block
+        pairs.append((event[len("event: "):], json.loads(data[len("data: "):])["type"]))
+    assert all(name == kind for name, kind in pairs)
+    kinds = [kind for _, kind in pairs]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert kinds.count("response.output_text.delta") == 3
