@@ -34,7 +34,6 @@ import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -114,44 +113,20 @@ def zipf_traffic(names: list[str], requests: int, exponent: float, seed: int = 0
     return random.Random(seed).choices(names, weights=weights, k=requests)
 
 
-def start_server(args: argparse.Namespace, work: Path, library: Path, probes: Path
-                 ) -> tuple[subprocess.Popen, str, Path]:
-    from server.local import free_port
+def start_server(args: argparse.Namespace, work: Path, library: Path, probes: Path):
+    from server.local import start_local_server
+    from talan_serve.base_models import cache_root
 
-    port = free_port()
-    log = work / f"server-{port}.log"
-    command = [sys.executable, "-m", "server.cli", "--engine", "vllm", "--model", args.model,
-               "--port", str(port), "--served-model-name", NAME, "--dtype", "float32",
-               "--max-model-len", "512", "--enforce-eager", "--log-level", "info",
-               "--adapter-dir", str(library), "--max-adapters", str(args.max_adapters),
-               "--max-lora-rank", "8", "--allowed-adapter-dirs", str(probes)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink,
-                                   stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise RuntimeError(f"server did not start in {args.start_timeout} s; see {log}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    # The user's model cache (not one under the work folder: no second preparation), and
+    # room in the KV cache for 32 clients.
+    env = {"TALAN_SERVE_CACHE": str(cache_root()),
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    return start_local_server(
+        args.model, work, "--engine", "vllm", "--served-model-name", NAME,
+        "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--log-level", "info",
+        "--adapter-dir", str(library), "--max-adapters", str(args.max_adapters),
+        "--max-lora-rank", "8", "--allowed-adapter-dirs", str(probes),
+        timeout=args.start_timeout, env=env)
 
 
 def prompt_of(index: int) -> str:
@@ -285,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         popular = names[0]
         logger.info("%d requests over %d distinct adapters; %s has %d of them",
                     len(models), len(set(models)), popular, models.count(popular))
-        process, url, log = start_server(args, work, library, probes)
+        server = start_server(args, work, library, probes)
+        url, log = server.base_url, server.log
         try:
             idle_names = names[-(args.max_adapters + 2):]  # the tail: rare in the traffic
             logger.info("idle loads: %s, one request at a time, twice", ", ".join(idle_names))
@@ -314,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             with httpx.Client(base_url=url) as client:
                 metrics = client.get("/metrics").text
         finally:
-            stop_server(process)
+            server.stop()
         text = log.read_text()
         idle, loads = loads_in_log(text[:idle_end]), loads_in_log(text[idle_end:])
         quiet = [r["median_gap_ms"] for r in probe_runs if not r["loading"]]
