@@ -151,10 +151,6 @@ class AdapterRegistry:
         adapter.retired = True
         return adapter
 
-    async def drained(self, adapter: Adapter, poll_s: float = 0.02) -> None:
-        while adapter.in_flight:
-            await asyncio.sleep(poll_s)
-
 
 def allowed_path(path: str, allowed_dirs: tuple[Path, ...]) -> tuple[Path, Path]:
     """``path`` resolved, and the one of ``allowed_dirs`` it lies in; raises otherwise."""
@@ -469,7 +465,8 @@ class ServedAdapters:
     async def unload(self, name: str) -> None:
         async with self._lock:
             adapter = self.registry.retire(name)
-            await self.registry.drained(adapter)
+            while adapter.in_flight:  # woken as its last request ends
+                await self._places.wait(self._places.generation)
             await self._remove(adapter)
             logger.info("adapter %s unloaded", name)
 

@@ -261,3 +261,19 @@ def test_the_cache_keeps_the_most_recent_within_its_bytes(library):
                              None, None)
     cache.put(AdapterCache.key(library / "d"), too_big)
     assert len(cache) == 1 and cache.nbytes == size
+
+
+def test_unload_waits_for_the_requests_in_flight(library):
+    async def run():
+        adapters, engine, _ = served(library, places=2)
+        await adapters.load("a", library / "a")
+        async with adapters.serving("a", True):
+            unload = asyncio.create_task(adapters.unload("a"))
+            await asyncio.sleep(0.05)
+            assert not unload.done() and ("unload", 1) not in engine.calls
+            assert adapters.registry.get("a") is None  # no new request is routed to it
+        await asyncio.wait_for(unload, 5)
+        assert engine.calls == [("load", 1), ("unload", 1)]
+        assert "a" not in adapters.registry.names()
+
+    asyncio.run(run())
