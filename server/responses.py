@@ -184,13 +184,13 @@ class ResponseBuilder:
                                          call["function"]["arguments"], status))
 
     @staticmethod
-    def _reasoning(text: str, status: str, item_id: str | None = None) -> dict:
-        return {"type": "reasoning", "id": item_id or _id("rs"), "summary": [],
+    def _reasoning(text: str, status: str) -> dict:
+        return {"type": "reasoning", "id": _id("rs"), "summary": [],
                 "content": [{"type": "reasoning_text", "text": text}], "status": status}
 
     @staticmethod
-    def _message(text: str, status: str, item_id: str | None = None) -> dict:
-        return {"type": "message", "id": item_id or _id("msg"), "role": "assistant",
+    def _message(text: str, status: str) -> dict:
+        return {"type": "message", "id": _id("msg"), "role": "assistant",
                 "status": status, "content": [{"type": "output_text", "text": text,
                                                "annotations": [], "logprobs": []}]}
 
@@ -354,8 +354,7 @@ async def create_response(state: ServerState, body: ResponsesRequest, request: R
         for event in builder.close("incomplete" if incomplete else "completed"):
             yield event
         if not builder.items:  # no output at all: an empty message, as a whole answer has
-            builder.items.append(builder._message("", status))
-            for event in builder._open(builder.items.pop()) + builder.close(status):
+            for event in builder._open(builder._message("", status)) + builder.close(status):
                 yield event
         state.metrics.latency.labels("responses").observe(time.monotonic() - run.start)
         # Always response.completed, its status "incomplete" when max_output_tokens cut it
