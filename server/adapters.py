@@ -16,7 +16,7 @@ with no request in flight (and none about to start) is evicted, into a host-memo
 a request ends, and the requests waiting for their adapter are bounded (past the bound:
 ``AdapterQueueFull``, HTTP 429). However many requests ask for one adapter at once, it is
 loaded once. Ids are never reused, so neither a late request nor a prefix-cache entry of
-an unloaded adapter can reach another one. A backend supplies only its engine's four
+an unloaded adapter can reach another one. A backend supplies only its engine's two
 calls (``AdapterEngine``). This module imports no backend: the backends import it.
 """
 
@@ -123,13 +123,13 @@ class AdapterRegistry:
                                f"--max-lora-rank {self.max_lora_rank}")
 
     def reserve(self, name: str, weights: AdapterWeights, cache_key: CacheKey | None = None,
-                pinned: bool = False) -> Adapter:
-        """Give a validated checkpoint that fits (``check_fits``) a place and the next id
-        (not yet served)."""
+                pinned: bool = False, evicting: Adapter | None = None) -> Adapter:
+        """Give a validated checkpoint that fits (``check_fits``) a place, ``evicting``'s
+        if given (retired, leaving with this load), and the next id (not yet served)."""
         if not name or name in self._adapters:
             raise AdapterError(f"an adapter named {name!r} is loaded already" if name
                                else "an adapter needs a name")
-        if len(self._adapters) >= self.capacity:
+        if len(self._adapters) - (evicting is not None) >= self.capacity:
             raise AdapterError(f"{self.capacity} adapters are loaded, the most this server "
                                "holds (--max-adapters); unload one first")
         adapter = Adapter(name, self._next_id, weights, cache_key, pinned, retired=True)
@@ -222,19 +222,32 @@ def _fits_at_start(config: TalanConfig, base: BaseWeights, state_slots: int | No
     return state_slots is None or config.n_themes <= state_slots
 
 
+@dataclass(frozen=True)
+class EngineAdapter:
+    """An adapter as its engine holds it: the id, whether it has a TALAN block, and the
+    engine's LoRA handle (None: no LoRA)."""
+
+    adapter_id: int
+    has_talan: bool
+    lora: Any = None
+
+
 class AdapterEngine(Protocol):
     """What a backend's engine does for ``ServedAdapters``, with validated tensors: TALAN
-    blocks go to every worker of the engine, LoRAs through its multi-LoRA support (a
-    handle for requests to carry)."""
+    blocks go to every worker of the engine, LoRAs through its multi-LoRA support.
 
-    async def load_talan(self, adapter_id: int, config: TalanConfig,
-                         tensors: dict[str, Any]) -> None: ...
+    An engine serves such a call between two of its steps, so each call a request waits
+    on costs up to a step: an eviction and the load it makes room for come as one
+    ``load``, for the engine to do in as few calls as it can."""
 
-    async def unload_talan(self, adapter_id: int) -> None: ...
+    async def load(self, name: str, adapter_id: int, weights: AdapterWeights,
+                   evicting: EngineAdapter | None = None) -> Any:
+        """Remove ``evicting`` (if given), then load the adapter as ``adapter_id``; the
+        LoRA handle for its requests (None without a LoRA). On failure nothing of the
+        new adapter stays loaded."""
+        ...
 
-    async def load_lora(self, name: str, adapter_id: int, weights: AdapterWeights) -> Any: ...
-
-    async def unload_lora(self, adapter_id: int, handle: Any) -> None: ...
+    async def unload(self, adapter: EngineAdapter) -> None: ...
 
 
 class AdapterEvents(Protocol):
@@ -382,10 +395,8 @@ class ServedAdapters:
                 if self.registry.places_taken >= self.registry.capacity:
                     victim = self._victim()
                 if self.registry.places_taken < self.registry.capacity or victim:
-                    if victim is not None:
-                        await self._evict(victim)
                     started = time.monotonic()
-                    await self._put(name, weights, key, pinned)
+                    await self._put(name, weights, key, pinned, victim)
                     seconds += time.monotonic() - started
                     self.events.loaded(name, source, seconds)
                     logger.info("adapter %s loaded from %s in %.3f s", name, source, seconds)
@@ -399,24 +410,35 @@ class ServedAdapters:
                                        "(--max-adapters); unload one")
             await self._places.wait(generation)
 
+    def _held(self, adapter: Adapter) -> EngineAdapter:
+        return EngineAdapter(adapter.adapter_id, adapter.has_talan,
+                             self._loras.get(adapter.adapter_id))
+
     async def _put(self, name: str, weights: AdapterWeights, key: CacheKey | None,
-                   pinned: bool) -> None:
-        adapter = self.registry.reserve(name, weights, key, pinned)
-        loaded_talan = False
+                   pinned: bool, victim: Adapter | None = None) -> None:
+        """Load a validated adapter into a place: a free one, or ``victim``'s, evicted
+        (into the host cache) in the same engine call."""
+        adapter = self.registry.reserve(name, weights, key, pinned, evicting=victim)
+        evicting = None
+        if victim is not None:
+            self.registry.retire(victim.name)
+            if victim.cache_key is not None:
+                self.cache.put(victim.cache_key, victim.weights)
+            evicting = self._held(victim)
         try:
-            if weights.has_talan:
-                await self.engine.load_talan(adapter.adapter_id, weights.config,
-                                             weights.talan)
-                loaded_talan = True
-            if weights.lora is not None:
-                self._loras[adapter.adapter_id] = await self.engine.load_lora(
-                    name, adapter.adapter_id, weights)
+            lora = await self.engine.load(name, adapter.adapter_id, weights, evicting)
         except BaseException:
-            if loaded_talan:
-                await self.engine.unload_talan(adapter.adapter_id)
             self.registry.drop(adapter)
-            self._places.freed()
             raise
+        finally:
+            if victim is not None:
+                self._loras.pop(victim.adapter_id, None)
+                self.registry.drop(victim)
+                self.events.evicted(victim.name)
+                logger.info("adapter %s evicted (least recently used)", victim.name)
+            self._places.freed()
+        if lora is not None:
+            self._loras[adapter.adapter_id] = lora
         self.registry.publish(adapter)
         logger.debug("adapter %s: id %d, TALAN %s, LoRA rank %s", name, adapter.adapter_id,
                      weights.config.connection_point if weights.has_talan else "none",
@@ -425,22 +447,11 @@ class ServedAdapters:
     async def _remove(self, adapter: Adapter) -> None:
         """Unload a retired adapter from the engine and free its place."""
         try:
-            if adapter.has_talan:
-                await self.engine.unload_talan(adapter.adapter_id)
-            handle = self._loras.pop(adapter.adapter_id, None)
-            if handle is not None:
-                await self.engine.unload_lora(adapter.adapter_id, handle)
+            await self.engine.unload(self._held(adapter))
         finally:
+            self._loras.pop(adapter.adapter_id, None)
             self.registry.drop(adapter)
             self._places.freed()
-
-    async def _evict(self, adapter: Adapter) -> None:
-        self.registry.retire(adapter.name)
-        if adapter.cache_key is not None:
-            self.cache.put(adapter.cache_key, adapter.weights)
-        await self._remove(adapter)
-        self.events.evicted(adapter.name)
-        logger.info("adapter %s evicted (least recently used)", adapter.name)
 
     # --- explicit loads and unloads -----------------------------------------------------
 

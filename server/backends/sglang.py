@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from server.adapters import AdapterError, RequestRoute
+from server.adapters import AdapterError, EngineAdapter, RequestRoute
 from server.backends.base import (
     EngineDeadError,
     EngineInputError,
@@ -42,7 +42,6 @@ from server.backends.template import (
     has_gpu,
 )
 from talan_serve.adapter_files import AdapterWeights, tensor_bytes
-from talan_serve.config import TalanConfig
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
@@ -351,15 +350,32 @@ class SglangBackend(EngineBackend):
         except AssertionError as error:  # SGLang reports a failed call this way
             raise AdapterError(str(error) or f"{method} failed in the engine") from error
 
-    async def load_talan(self, adapter_id: int, config: TalanConfig,
-                         tensors: dict[str, Any]) -> None:
-        await self._rpc("talan_add_adapter", adapter=adapter_id, config=config.to_dict(),
-                        weights=tensor_bytes(tensors))
+    async def load(self, name: str, adapter_id: int, weights: AdapterWeights,
+                   evicting: EngineAdapter | None = None) -> Any:
+        # SGLang's LoRAs are its tokenizer manager's, TALAN blocks the schedulers': one
+        # call each, in turn.
+        if evicting is not None:
+            await self.unload(evicting)
+        if weights.has_talan:
+            await self._rpc("talan_add_adapter", adapter=adapter_id,
+                            config=weights.config.to_dict(),
+                            weights=await asyncio.to_thread(tensor_bytes, weights.talan))
+        if weights.lora is None:
+            return None
+        try:
+            return await self._load_lora(name, weights)
+        except BaseException:
+            if weights.has_talan:
+                await self._rpc("talan_unload_adapter", adapter=adapter_id)
+            raise
 
-    async def unload_talan(self, adapter_id: int) -> None:
-        await self._rpc("talan_unload_adapter", adapter=adapter_id)
+    async def unload(self, adapter: EngineAdapter) -> None:
+        if adapter.has_talan:
+            await self._rpc("talan_unload_adapter", adapter=adapter.adapter_id)
+        if adapter.lora is not None:
+            await self._unload_lora(adapter.lora)
 
-    async def load_lora(self, name: str, adapter_id: int, weights: AdapterWeights) -> Any:
+    async def _load_lora(self, name: str, weights: AdapterWeights) -> str:
         from sglang.srt.managers.io_struct import LoadLoRAAdapterFromTensorsReqInput
         from sglang.srt.utils import MultiprocessingSerializer
 
@@ -376,7 +392,7 @@ class SglangBackend(EngineBackend):
                                f"{result.error_message}")
         return name
 
-    async def unload_lora(self, adapter_id: int, handle: Any) -> None:
+    async def _unload_lora(self, handle: str) -> None:
         from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput
 
         result = await self._manager.unload_lora_adapter(

@@ -10,8 +10,9 @@ full text of a sequence that stops at its length. An engine's backend
 * its policy: ``configure(args)`` on the command line's arguments (platform defaults,
   what the engine refuses, its environment), before anything starts;
 * its engine calls: ``start_engine``, ``generate``, ``abort``, ``health``,
-  ``num_unfinished``, ``shutdown``, and the four ``AdapterEngine`` calls that load and
-  unload TALAN blocks and LoRAs in a running engine;
+  ``num_unfinished``, ``shutdown``, and the two ``AdapterEngine`` calls that load (in
+  the place of an evicted adapter, if any) and unload an adapter's TALAN block and LoRA
+  in a running engine;
 * its engine's output parsers (``parsers``: the engine's reasoning and tool-call parser
   registries behind ``server.parsing``), of which ``--reasoning-parser`` and
   ``--tool-call-parser`` choose;

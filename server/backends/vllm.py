@@ -9,12 +9,14 @@ The rest of the backend is the template (``server/backends/template.py``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from server.adapters import EngineAdapter
 from server.backends.base import (
     EngineDeadError,
     EngineInputError,
@@ -36,7 +38,6 @@ from server.backends.template import (
 )
 from server.backends.vllm_parsers import VllmParsers
 from talan_serve.adapter_files import AdapterWeights, tensor_bytes
-from talan_serve.config import TalanConfig
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
@@ -292,25 +293,35 @@ class VllmBackend(EngineBackend):
     async def shutdown(self) -> None:
         self._llm.shutdown()
 
-    # --- AdapterEngine: TALAN blocks through the workers' extension
-    # (talan_serve.plugins.vllm.worker), LoRAs as vLLM LoRARequests -----------------------
+    # --- AdapterEngine: TALAN blocks and LoRAs through the workers' extension
+    # (talan_serve.plugins.vllm.worker), one call for an eviction and its load; requests
+    # carry vLLM LoRARequests -----------------------------------------------------------
 
-    async def load_talan(self, adapter_id: int, config: TalanConfig,
-                         tensors: dict[str, Any]) -> None:
-        await self._llm.collective_rpc("talan_add_adapter", args=(
-            adapter_id, config.to_dict(), tensor_bytes(tensors)))
-
-    async def unload_talan(self, adapter_id: int) -> None:
-        await self._llm.collective_rpc("talan_unload_adapter", args=(adapter_id,))
-
-    async def load_lora(self, name: str, adapter_id: int, weights: AdapterWeights) -> Any:
+    async def load(self, name: str, adapter_id: int, weights: AdapterWeights,
+                   evicting: EngineAdapter | None = None) -> Any:
         from talan_serve.plugins.vllm import lora_request_for
 
-        # The validated tensors go to every worker's LoRA cache; the request's handle
-        # then finds them there (its path is what vLLM would read were they not).
-        await self._llm.collective_rpc("talan_add_lora", args=(
-            adapter_id, weights.lora_config, tensor_bytes(weights.lora)))
-        return lora_request_for(name, adapter_id, weights.path)
+        def payload() -> list:
+            talan = [weights.config.to_dict(), tensor_bytes(weights.talan)] \
+                if weights.has_talan else None
+            lora = [weights.lora_config, tensor_bytes(weights.lora)] \
+                if weights.lora is not None else None
+            return [adapter_id, talan, lora]
 
-    async def unload_lora(self, adapter_id: int, handle: Any) -> None:
-        await self._llm.remove_lora(adapter_id)
+        add = await asyncio.to_thread(payload)
+        await self._llm.collective_rpc("talan_change_adapters",
+                                       args=(_removal(evicting), add))
+        # The request's handle finds the LoRA in every worker's cache (its path is what
+        # vLLM would read were it not there).
+        return None if weights.lora is None else \
+            lora_request_for(name, adapter_id, weights.path)
+
+    async def unload(self, adapter: EngineAdapter) -> None:
+        await self._llm.collective_rpc("talan_change_adapters",
+                                       args=(_removal(adapter), None))
+
+
+def _removal(adapter: EngineAdapter | None) -> list | None:
+    if adapter is None:
+        return None
+    return [adapter.adapter_id, adapter.has_talan, adapter.lora is not None]

@@ -39,19 +39,17 @@ class StandInEngine:
         self.calls: list[tuple[str, int]] = []
         self.gate: asyncio.Event | None = None
 
-    async def load_talan(self, adapter_id, config, tensors) -> None:
+    async def load(self, name, adapter_id, weights, evicting=None):
+        assert weights.lora is None, "TALAN-only adapters here"
+        if evicting is not None:
+            self.calls.append(("unload", evicting.adapter_id))
         self.calls.append(("load", adapter_id))
         if self.gate is not None:
             await self.gate.wait()
+        return None
 
-    async def unload_talan(self, adapter_id) -> None:
-        self.calls.append(("unload", adapter_id))
-
-    async def load_lora(self, name, adapter_id, weights):
-        raise AssertionError("TALAN-only adapters here")
-
-    async def unload_lora(self, adapter_id, handle) -> None:
-        raise AssertionError("TALAN-only adapters here")
+    async def unload(self, adapter) -> None:
+        self.calls.append(("unload", adapter.adapter_id))
 
 
 class Events:

@@ -47,6 +47,32 @@ class TalanWorkerExtension:
 
         add_lora_tensors(self, lora_id, config, tensors_from_bytes(weights))
 
+    def talan_change_adapters(self, remove: list | None, add: list | None) -> None:
+        """Remove one adapter and add one, in one call, which the engine serves between
+        two steps (one wait for a step instead of one per part).
+
+        ``remove``: ``[id, has_talan, has_lora]``; ``add``: ``[id, talan, lora]``, each of
+        ``talan`` and ``lora`` None or ``[config, safetensors bytes]`` (as for
+        ``talan_add_adapter`` and ``talan_add_lora``). A failed add leaves nothing of it."""
+        if remove is not None:
+            adapter, has_talan, has_lora = remove
+            if has_talan:
+                self.talan_unload_adapter(adapter)
+            if has_lora:
+                self.remove_lora(adapter)
+        if add is None:
+            return
+        adapter, talan, lora = add
+        if talan is not None:
+            self.talan_add_adapter(adapter, *talan)
+        try:
+            if lora is not None:
+                self.talan_add_lora(adapter, *lora)
+        except BaseException:
+            if talan is not None:
+                self.talan_unload_adapter(adapter)
+            raise
+
     def talan_unload_adapter(self, adapter: int) -> None:
         for layer in self._talan_layers():
             layer.side_path.unload(adapter)
