@@ -1,9 +1,10 @@
 """A host-memory cache of evicted adapters, bounded in bytes, least recently used first out.
 
-An adapter evicted to make room keeps its validated tensors here, under its folder and
-that folder's fingerprint (each file's size, modification time and inode: metadata only),
-so that its next load skips the disk and the validation; a folder that changed since is
-read and validated again. ``--adapter-cache-bytes`` bounds it (0: no cache).
+An adapter evicted to make room keeps its validated weights (its files' bytes) here,
+under its folder and that folder's fingerprint (each file's size, modification time and
+inode: metadata only), so that its next load skips the disk and the validation; a folder
+that changed since is read and validated again. ``--adapter-cache-bytes`` bounds it (0:
+no cache).
 """
 
 from __future__ import annotations

@@ -8,16 +8,17 @@ and ``ServedAdapters``: loads and unloads one at a time, each request's route by
 
 Every checkpoint is validated whole before it takes a place (``talan_serve.adapter_files``
 and ``AdapterRegistry.check_fits``), off the event loop; the engine then gets the
-validated tensors, never a path to read again. A place is an adapter loaded in the engine,
-``--max-adapters`` of them. When every place is taken, the least recently used adapter
-with no request in flight (and none about to start) is evicted, into a host-memory cache
-(``server.adapter_cache``); adapters loaded explicitly (``--adapters``,
-``/v1/load_lora_adapter``) are pinned. A load for which no place can be freed waits until
-a request ends, and the requests waiting for their adapter are bounded (past the bound:
-``AdapterQueueFull``, HTTP 429). However many requests ask for one adapter at once, it is
-loaded once. Ids are never reused, so neither a late request nor a prefix-cache entry of
-an unloaded adapter can reach another one. A backend supplies only its engine's two
-calls (``AdapterEngine``). This module imports no backend: the backends import it.
+validated weights (the files' bytes that were checked), never a path to read again. A
+place is an adapter loaded in the engine, ``--max-adapters`` of them. When every place is
+taken, the least recently used adapter with no request in flight (and none about to
+start) is evicted, into a host-memory cache (``server.adapter_cache``); adapters loaded
+explicitly (``--adapters``, ``/v1/load_lora_adapter``) are pinned. A load for which no
+place can be freed waits until a request ends, and the requests waiting for their
+adapter are bounded (past the bound: ``AdapterQueueFull``, HTTP 429). However many
+requests ask for one adapter at once, it is loaded once. Ids are never reused, so neither
+a late request nor a prefix-cache entry of an unloaded adapter can reach another one. A
+backend supplies only its engine's two calls (``AdapterEngine``). This module imports no
+backend: the backends import it.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ class EngineAdapter:
 
 
 class AdapterEngine(Protocol):
-    """What a backend's engine does for ``ServedAdapters``, with validated tensors: TALAN
+    """What a backend's engine does for ``ServedAdapters``, with validated weights: TALAN
     blocks go to every worker of the engine, LoRAs through its multi-LoRA support.
 
     An engine serves such a call between two of its steps, so each call a request waits

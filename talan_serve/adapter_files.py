@@ -15,8 +15,9 @@ adds, for every checkpoint a server loads (``--adapters``, ``--adapter-dir``,
   data).
 
 What the server was sized for (state slots, kinds, LoRA rank) is checked by the server
-(``server.adapters``). The result holds the validated tensors, so that an engine loads
-exactly what was checked, and a host-memory cache can reload it without the disk.
+(``server.adapters``). The result holds the weights files' bytes as they were checksummed
+and validated, so that an engine loads exactly what was checked, and a host-memory cache
+can reload it without the disk.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load, load_file, save
+from safetensors.torch import load
 from torch import Tensor
 
 from talan_serve.checkpoint import (
     ADAPTER_FILES,
     PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
     CheckpointError,
     check_finite,
     load_checkpoint,
@@ -79,15 +81,19 @@ def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """One adapter's validated contents: its TALAN config and tensors (None: LoRA only),
-    its LoRA's PEFT config and tensors (None: TALAN only) and the LoRA's rank."""
+    """One adapter's validated contents: its TALAN config and weights file (None: LoRA
+    only), its LoRA's PEFT config and weights file (None: TALAN only) and the LoRA's rank.
+
+    The weights are the safetensors bytes that were checksummed and validated, kept as
+    they are: an engine receives exactly those bytes (``tensors_from_bytes`` decodes them
+    in its processes), with no second read of the folder and no re-encoding."""
 
     path: Path
     base_model: str
     config: TalanConfig | None
-    talan: dict[str, Tensor] | None
+    talan_file: bytes | None
     lora_config: dict[str, Any] | None
-    lora: dict[str, Tensor] | None
+    lora_file: bytes | None
     lora_rank: int | None
 
     @property
@@ -95,10 +101,21 @@ class AdapterWeights:
         return self.config is not None
 
     @property
+    def has_lora(self) -> bool:
+        return self.lora_file is not None
+
+    @property
+    def talan(self) -> dict[str, Tensor] | None:
+        return None if self.talan_file is None else tensors_from_bytes(self.talan_file)
+
+    @property
+    def lora(self) -> dict[str, Tensor] | None:
+        return None if self.lora_file is None else tensors_from_bytes(self.lora_file)
+
+    @property
     def nbytes(self) -> int:
-        """Host memory its tensors take (what a cache of adapters counts)."""
-        tensors = [*(self.talan or {}).values(), *(self.lora or {}).values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Host memory it takes (what a cache of adapters counts)."""
+        return len(self.talan_file or b"") + len(self.lora_file or b"")
 
 
 def refuse_pickles(root: Path) -> None:
@@ -118,12 +135,12 @@ def check_within(root: Path, within: Path) -> None:
                                   f"leads out of {within} (to {resolved})")
 
 
-def _lora_tensors(root: Path) -> dict[str, Tensor]:
-    file = root / ADAPTER_FILES[1]
+def _lora_tensors(root: Path, data: bytes) -> dict[str, Tensor]:
     try:
-        return load_file(str(file))
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{file}: unreadable safetensors: {error}") from None
+        return load(data)
+    except SafetensorError as error:
+        raise CheckpointError(f"{root / ADAPTER_FILES[1]}: unreadable safetensors: "
+                              f"{error}") from None
 
 
 def check_lora(root: Path, config: dict[str, Any], tensors: dict[str, Tensor],
@@ -150,10 +167,10 @@ def check_lora(root: Path, config: dict[str, Any], tensors: dict[str, Tensor],
                                   "lora_A and lora_B weights only)")
         if not tensor.is_floating_point():
             raise CheckpointError(f"{where}: tensor {name} is {tensor.dtype}, not floating")
-        check_finite(where, name, tensor)
         halves.setdefault(match["module"], {})[match["half"]] = tensor
     if not halves:
         raise CheckpointError(f"{where}: holds no LoRA tensor")
+    check_finite(where, tensors)
     largest = 0
     for module, pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
@@ -190,23 +207,21 @@ def read_adapter(path: str | Path, base: BaseWeights,
     if within is not None:
         check_within(root, within)
     refuse_pickles(root)
-    checkpoint = load_checkpoint(root)
+    contents: dict[str, bytes] = {}
+    checkpoint = load_checkpoint(root, contents=contents)
     checkpoint.check_host(base.hidden_size, base.num_layers)
-    lora_config = lora = rank = None
+    lora_config = lora_file = rank = None
     if checkpoint.adapter_dir is not None:
-        # load_checkpoint has read it as a JSON object already.
-        lora_config = json.loads((root / ADAPTER_FILES[0]).read_text())
-        lora = _lora_tensors(root)
-        rank = check_lora(root, lora_config, lora, base)
-    return AdapterWeights(root, checkpoint.base_model, checkpoint.config,
-                          checkpoint.state_dict, lora_config, lora, rank)
-
-
-def tensor_bytes(tensors: dict[str, Tensor]) -> bytes:
-    """Validated tensors as safetensors bytes: how they cross into an engine's processes
-    (no pickle, the receiver reads them with ``tensors_from_bytes``)."""
-    return save({name: t.contiguous() for name, t in tensors.items()})
+        # load_checkpoint has checksummed both and read the config as a JSON object.
+        lora_config = json.loads(contents[ADAPTER_FILES[0]])
+        lora_file = contents[ADAPTER_FILES[1]]
+        rank = check_lora(root, lora_config, _lora_tensors(root, lora_file), base)
+    talan_file = contents[WEIGHTS_NAME] if checkpoint.has_talan else None
+    return AdapterWeights(root, checkpoint.base_model, checkpoint.config, talan_file,
+                          lora_config, lora_file, rank)
 
 
 def tensors_from_bytes(data: bytes) -> dict[str, Tensor]:
+    """A weights file's safetensors bytes, decoded (no pickle): how validated weights
+    arrive in an engine's processes."""
     return load(bytes(data))

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import Tensor, nn
 
 from talan_serve.block import TalanBlock
@@ -175,15 +175,24 @@ def _check_tensors(path: Path, config: TalanConfig, tensors: dict[str, Tensor]) 
             )
         if got.dtype != torch.float32:
             raise CheckpointError(f"{path}: tensor {name} is {got.dtype}, expected torch.float32")
-        check_finite(path, name, got)
+    check_finite(path, tensors)
 
 
-def check_finite(path: Path, name: str, tensor: Tensor) -> None:
-    """Refuse a tensor holding NaN or infinity: it would poison every request it touches."""
-    bad = int((~torch.isfinite(tensor)).sum())
-    if bad:
-        raise CheckpointError(f"{path}: tensor {name} is not finite ({bad} NaN or infinite "
-                              f"value{'s' if bad > 1 else ''} of {tensor.numel()})")
+def check_finite(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Refuse a tensor holding NaN or infinity: it would poison every request it touches.
+
+    A NaN or an infinity makes its tensor's sum NaN or infinite, so finite sums clear
+    them all in one check (a LoRA is hundreds of small tensors); only a non-finite sum,
+    which may also be an overflow of finite values, looks at every element."""
+    sums = [tensor.sum(dtype=torch.float64) for tensor in tensors.values()]
+    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
+        return
+    for name, tensor in tensors.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointError(f"{path}: tensor {name} is not finite ({bad} NaN or "
+                                  f"infinite value{'s' if bad > 1 else ''} of "
+                                  f"{tensor.numel()})")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -213,15 +222,19 @@ def load_checkpoint(
     path: str | Path,
     hidden_size: int | None = None,
     num_layers: int | None = None,
+    contents: dict[str, bytes] | None = None,
 ) -> TalanCheckpoint:
     """Read and validate a checkpoint directory.
 
     With ``hidden_size``/``num_layers`` of the intended host, also refuses a config that
-    does not fit it. Every failure raises ``CheckpointError`` naming the problem.
+    does not fit it. Every failure raises ``CheckpointError`` naming the problem. Each file
+    is read once: its checksum and its tensors come from the same bytes, which
+    ``contents``, if given, receives (file name -> bytes).
     """
     root = Path(path)
     manifest = read_manifest(root)
     listed = manifest["files"]
+    read = contents if contents is not None else {}
     required = ([CONFIG_NAME, WEIGHTS_NAME] if manifest.get("talan") else []) + (
         list(ADAPTER_FILES) if manifest.get("adapter") else [])
     for name in required:
@@ -237,12 +250,14 @@ def load_checkpoint(
                     f"{root}: missing file {name}; {', '.join(sorted(pickled))} is a pickle, "
                     "and talan-serve reads only safetensors (it never unpickles)")
             raise CheckpointError(f"{root}: missing file {name} (listed in the manifest)")
-        actual = sha256_file(file)
+        data = file.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
         if actual != digest:
             raise CheckpointError(
                 f"{file}: checksum mismatch (manifest sha256 {digest[:12]}..., "
                 f"file {actual[:12]}...); the file changed after the checkpoint was written"
             )
+        read[name] = data
 
     config, state_dict = None, None
     if manifest.get("talan"):
@@ -251,8 +266,8 @@ def load_checkpoint(
         except TalanConfigError as err:
             raise CheckpointError(f"{root / CONFIG_NAME}: {err}") from None
         try:
-            state_dict = load_file(str(root / WEIGHTS_NAME))
-        except (SafetensorError, OSError) as err:
+            state_dict = load(read[WEIGHTS_NAME])
+        except SafetensorError as err:
             raise CheckpointError(f"{root / WEIGHTS_NAME}: unreadable safetensors: {err}") from None
         _check_tensors(root / WEIGHTS_NAME, config, state_dict)
     if manifest.get("adapter"):

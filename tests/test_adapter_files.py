@@ -1,8 +1,8 @@
 """``talan_serve.adapter_files``: a checkpoint validated whole before a server loads it.
 
 Each way a checkpoint can be bad is refused with its own message (and nothing else is);
-a good one comes back with exactly its files' tensors, which cross into an engine as
-safetensors bytes unchanged.
+a good one comes back with exactly its files' bytes, the ones that were validated, which
+cross into an engine unchanged.
 """
 
 import json
@@ -16,8 +16,6 @@ from safetensors.torch import load_file, save_file
 from talan_serve.adapter_files import (
     BaseWeights,
     read_adapter,
-    tensor_bytes,
-    tensors_from_bytes,
 )
 from talan_serve.checkpoint import WEIGHTS_NAME, CheckpointError
 from talan_serve.testing import build_tiny_checkpoint, reseal_checkpoint, reweight_checkpoint
@@ -64,11 +62,13 @@ def test_a_good_checkpoint_comes_back_with_its_tensors(checkpoint, base):
     assert weights.lora_rank == 4 and weights.config.network_type == "cross_attn"
     assert weights.lora.keys() == on_disk.keys()
     assert all(torch.equal(weights.lora[k], on_disk[k]) for k in on_disk)
-    assert weights.nbytes == sum(t.numel() * 4 for t in
-                                 [*weights.talan.values(), *on_disk.values()])
-    back = tensors_from_bytes(tensor_bytes(weights.talan))
-    assert back.keys() == weights.talan.keys()
-    assert all(torch.equal(back[k], weights.talan[k]) for k in back)
+    # What an engine receives is the files' bytes as they were checksummed.
+    assert weights.talan_file == (checkpoint / WEIGHTS_NAME).read_bytes()
+    assert weights.lora_file == (checkpoint / LORA).read_bytes()
+    assert weights.nbytes == len(weights.talan_file) + len(weights.lora_file)
+    talan = load_file(str(checkpoint / WEIGHTS_NAME))
+    assert weights.talan.keys() == talan.keys()
+    assert all(torch.equal(weights.talan[k], talan[k]) for k in talan)
 
 
 def test_another_adapter_of_the_kind_differs_in_every_tensor(checkpoint, base, tmp_path):

@@ -41,7 +41,7 @@ from server.backends.template import (
     UsageError,
     has_gpu,
 )
-from talan_serve.adapter_files import AdapterWeights, tensor_bytes
+from talan_serve.adapter_files import AdapterWeights
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
@@ -358,9 +358,8 @@ class SglangBackend(EngineBackend):
             await self.unload(evicting)
         if weights.has_talan:
             await self._rpc("talan_add_adapter", adapter=adapter_id,
-                            config=weights.config.to_dict(),
-                            weights=await asyncio.to_thread(tensor_bytes, weights.talan))
-        if weights.lora is None:
+                            config=weights.config.to_dict(), weights=weights.talan_file)
+        if not weights.has_lora:
             return None
         try:
             return await self._load_lora(name, weights)
@@ -379,9 +378,10 @@ class SglangBackend(EngineBackend):
         from sglang.srt.managers.io_struct import LoadLoRAAdapterFromTensorsReqInput
         from sglang.srt.utils import MultiprocessingSerializer
 
-        # The validated tensors, one serialized copy per tensor-parallel rank (as
+        # The validated LoRA, decoded, one serialized copy per tensor-parallel rank (as
         # sglang.Engine.load_lora_adapter_from_tensors sends them).
-        payload = await asyncio.to_thread(MultiprocessingSerializer.serialize, weights.lora)
+        payload = await asyncio.to_thread(
+            lambda: MultiprocessingSerializer.serialize(weights.lora))
         result = await self._manager.load_lora_adapter_from_tensors(
             LoadLoRAAdapterFromTensorsReqInput(
                 lora_name=name, config_dict=weights.lora_config,

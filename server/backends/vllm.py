@@ -9,7 +9,6 @@ The rest of the backend is the template (``server/backends/template.py``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -37,7 +36,7 @@ from server.backends.template import (
     has_gpu,
 )
 from server.backends.vllm_parsers import VllmParsers
-from talan_serve.adapter_files import AdapterWeights, tensor_bytes
+from talan_serve.adapter_files import AdapterWeights
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
@@ -301,20 +300,14 @@ class VllmBackend(EngineBackend):
                    evicting: EngineAdapter | None = None) -> Any:
         from talan_serve.plugins.vllm import lora_request_for
 
-        def payload() -> list:
-            talan = [weights.config.to_dict(), tensor_bytes(weights.talan)] \
-                if weights.has_talan else None
-            lora = [weights.lora_config, tensor_bytes(weights.lora)] \
-                if weights.lora is not None else None
-            return [adapter_id, talan, lora]
-
-        add = await asyncio.to_thread(payload)
+        add = [adapter_id,
+               [weights.config.to_dict(), weights.talan_file] if weights.has_talan else None,
+               [weights.lora_config, weights.lora_file] if weights.has_lora else None]
         await self._llm.collective_rpc("talan_change_adapters",
                                        args=(_removal(evicting), add))
         # The request's handle finds the LoRA in every worker's cache (its path is what
         # vLLM would read were it not there).
-        return None if weights.lora is None else \
-            lora_request_for(name, adapter_id, weights.path)
+        return lora_request_for(name, adapter_id, weights.path) if weights.has_lora else None
 
     async def unload(self, adapter: EngineAdapter) -> None:
         await self._llm.collective_rpc("talan_change_adapters",

@@ -40,7 +40,7 @@ class StandInEngine:
         self.gate: asyncio.Event | None = None
 
     async def load(self, name, adapter_id, weights, evicting=None):
-        assert weights.lora is None, "TALAN-only adapters here"
+        assert not weights.has_lora, "TALAN-only adapters here"
         if evicting is not None:
             self.calls.append(("unload", evicting.adapter_id))
         self.calls.append(("load", adapter_id))
@@ -255,8 +255,8 @@ def test_the_cache_keeps_the_most_recent_within_its_bytes(library):
     assert (len(cache), cache.nbytes) == (2, 2 * size)
     assert cache.take(keys["a"]) is None  # the oldest went first
     assert cache.take(keys["c"]) is weights["c"] and cache.nbytes == size
-    too_big = AdapterWeights(library / "d", "tiny", None, {"x": torch.zeros(size)}, None,
-                             None, None)
+    too_big = AdapterWeights(library / "d", "tiny", None, bytes(2 * size + 2), None, None,
+                             None)
     cache.put(AdapterCache.key(library / "d"), too_big)
     assert len(cache) == 1 and cache.nbytes == size
 

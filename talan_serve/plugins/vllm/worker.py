@@ -30,7 +30,7 @@ class TalanWorkerExtension:
 
     def talan_add_adapter(self, adapter: int, config: dict, weights: bytes) -> None:
         """Add a TALAN block the server has validated, as ``adapter``: its config and
-        its tensors as safetensors bytes (``talan_serve.adapter_files.tensor_bytes``)."""
+        its weights file's safetensors bytes (``AdapterWeights.talan_file``)."""
         from talan_serve.adapter_files import tensors_from_bytes
         from talan_serve.config import TalanConfig
 
