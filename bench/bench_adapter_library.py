@@ -15,7 +15,11 @@ through the HTTP server:
 * the decode step while a load runs: ``--streams`` streaming requests on one resident
   adapter, the gaps between their tokens, while adapters of another folder are loaded
   and unloaded back to back (``/v1/load_lora_adapter``, read from disk each time),
-  against the same streams with no load, in ABBA order.
+  against the same streams with no load, in ABBA order; and the decode time lost per
+  load (the streams' extra time over the loads they overlapped), which, unlike the
+  ratio, does not grow with how many loads fit in the probe;
+* the CPU a load costs each of the server's processes (front end, engine core, workers:
+  their user + system time over ``--cpu-cycles`` loads and unloads on an idle engine).
 
 The adapters live in a temporary folder (about 4 MB each) that is deleted at the end.
 
@@ -80,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=4, help="streams of the decode probe")
     p.add_argument("--stream-tokens", type=int, default=96)
     p.add_argument("--probe-pairs", type=int, default=2, help="ABBA pairs of the probe")
+    p.add_argument("--cpu-cycles", type=int, default=20,
+                   help="loads and unloads timed for their CPU on an idle engine")
     p.add_argument("--work-dir", default=None, help="default: a new temporary folder")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--start-timeout", type=float, default=900)
@@ -199,15 +205,65 @@ async def probe(url: str, model: str, args: argparse.Namespace, probes: Path, lo
                 index += 1
 
         task = asyncio.create_task(loader()) if loading else None
+        started = time.monotonic()
         gaps = await asyncio.gather(*[stream_gaps(client, model, i, args.stream_tokens)
                                       for i in range(args.streams)])
+        seconds = time.monotonic() - started
         done.set()
         if task is not None:
             await task
     pooled = [gap for stream in gaps for gap in stream]
     return {"loading": loading, "median_gap_ms": 1000 * statistics.median(pooled),
             "mean_gap_ms": 1000 * statistics.fmean(pooled), "gaps": len(pooled),
-            "loads": len(loads)}
+            "gaps_per_stream": len(gaps[0]), "seconds": seconds, "loads": len(loads)}
+
+
+def decode_lost_per_load(runs: list[dict]) -> float:
+    """Milliseconds of decoding lost per load: the loading runs' streams took
+    (gaps per stream) x (mean gap loading - mean gap with no load) longer, over their
+    loads."""
+    quiet = statistics.fmean(r["mean_gap_ms"] for r in runs if not r["loading"])
+    busy = [r for r in runs if r["loading"]]
+    lost = sum(r["gaps_per_stream"] * (r["mean_gap_ms"] - quiet) for r in busy)
+    return lost / max(1, sum(r["loads"] for r in busy))
+
+
+def process_tree(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(p for child in children for p in process_tree(int(child)))]
+
+
+def cpu_ms(pids: list[int]) -> dict[str, float]:
+    """User + system CPU milliseconds so far, by role: the server's front end (its first
+    process), vLLM's engine core and workers (by their process names)."""
+    roles: dict[str, float] = {}
+    tick = 1000 / os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        role = ("front end" if pid == pids[0] else "engine core" if "EngineCor" in name
+                else "workers" if "Worker" in name else "other")
+        roles[role] = roles.get(role, 0.0) + (int(fields[11]) + int(fields[12])) * tick
+    return roles
+
+
+def load_cpu(url: str, pid: int, probes: Path, cycles: int) -> dict[str, float]:
+    """CPU milliseconds per load + unload (``/v1/load_lora_adapter``, from disk) on an
+    idle engine, by process role."""
+    pids = process_tree(pid)
+    with httpx.Client(base_url=url, timeout=300) as client:
+        folders = sorted(probes.iterdir())
+        before = cpu_ms(pids)
+        for index in range(cycles):
+            for path, body in (("/v1/load_lora_adapter", {
+                    "lora_name": "cpu", "lora_path": str(folders[index % len(folders)])}),
+                    ("/v1/unload_lora_adapter", {"lora_name": "cpu"})):
+                response = client.post(path, json=body)
+                if response.status_code != 200:
+                    raise RuntimeError(f"{path}: {response.status_code} {response.text}")
+        after = cpu_ms(pids)
+    spent = {role: (after[role] - before.get(role, 0.0)) / cycles for role in after}
+    return {role: ms for role, ms in spent.items() if ms > 0}
 
 
 def idle_loads(url: str, names: list[str], rounds: int = 2) -> None:
@@ -267,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("idle loads: %s, one request at a time, twice", ", ".join(idle_names))
             idle_loads(url, idle_names)
             idle_end = len(log.read_text())
+            cpu = load_cpu(url, server.process.pid, probes, args.cpu_cycles)
+            logger.info("CPU per load and unload, idle engine: %s", ", ".join(
+                f"{role} {ms:.1f} ms" for role, ms in cpu.items()))
+            cpu_end = len(log.read_text())
             logger.info("warm-up: the traffic once (loads every adapter it names from disk)")
             warm = asyncio.run(traffic(url, models, args.clients, args.max_tokens, "warm-up"))
             runs: list[Run] = []
@@ -292,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
         text = log.read_text()
-        idle, loads = loads_in_log(text[:idle_end]), loads_in_log(text[idle_end:])
+        idle, loads = loads_in_log(text[:idle_end]), loads_in_log(text[cpu_end:])
         quiet = [r["median_gap_ms"] for r in probe_runs if not r["loading"]]
         busy = [r["median_gap_ms"] for r in probe_runs if r["loading"]]
         evictions = re.search(r"^talan_serve_adapter_evictions_total (\S+)$", metrics, re.M)
@@ -311,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             "decode_gap_no_load_ms": statistics.median(quiet),
             "decode_gap_loading_ms": statistics.median(busy),
             "decode_step_ratio": statistics.median(busy) / statistics.median(quiet),
+            "decode_lost_per_load_ms": decode_lost_per_load(probe_runs),
+            "cpu_ms_per_load_and_unload": cpu,
             "evictions": float(evictions[1]) if evictions else None,
         }
         meta = {
@@ -365,6 +427,11 @@ def write_results(out: Path, record: dict) -> None:
         f"| decode step while loading / no load | {s['decode_step_ratio']:.3f}x "
         f"({s['decode_gap_loading_ms']:.1f} / {s['decode_gap_no_load_ms']:.1f} ms between "
         f"tokens) | <= 1.05x |",
+        f"| decode time lost per load during the probe | "
+        f"{s['decode_lost_per_load_ms']:.1f} ms | |",
+        "| CPU per load + unload from disk, idle engine | " + ", ".join(
+            f"{role} {ms:.1f} ms" for role, ms in s["cpu_ms_per_load_and_unload"].items())
+        + " | |",
         f"| evictions over the run | {s['evictions']:.0f} | |", "",
         "Throughput: completion tokens per second of the whole pass, the same requests "
         "(prompts, lengths, order) sent to Zipf-drawn adapters or all to the most popular "
@@ -373,7 +440,10 @@ def write_results(out: Path, record: dict) -> None:
         "place); idle engine: the --max-adapters + 2 least popular adapters asked for one at "
         "a time, twice, "
         "before the traffic. Decode step: the median gap between streamed tokens of the probe's "
-        "streams, with adapters loaded and unloaded back to back meanwhile or not.",
+        "streams, with adapters loaded and unloaded back to back meanwhile or not; time lost "
+        "per load: the loading runs' extra stream time (mean gaps) over their loads. CPU: "
+        "user + system time of each process per load and unload (the workers' includes "
+        "vLLM's polling of its message queue after each call).",
     ]
     out.parent.joinpath(f"{out.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
