@@ -22,9 +22,10 @@ full text of a sequence that stops at its length. An engine's backend
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,7 +345,14 @@ class EngineBackend:
             return
         async with self.served_adapters.serving(request.model,
                                                 request.sampling.talan_enabled) as route:
-            yield route
+            try:
+                yield route
+            except BaseException:
+                # Stopped early (its client gone, an error): out of the engine before its
+                # adapter counts as idle, so that no eviction reaches a request still in a
+                # batch. The engine takes the abort before any later load or eviction.
+                await _finish(self.abort(request.request_id))
+                raise
 
     @property
     def registry(self) -> AdapterRegistry | None:
@@ -363,3 +371,16 @@ class EngineBackend:
         if self.served_adapters is None:
             raise ModelNotFoundError(f"no adapter named {name!r} is loaded")
         await self.served_adapters.unload(name)
+
+
+async def _finish(cleanup: Awaitable[None]) -> None:
+    """Await ``cleanup`` to its end even when the task is cancelled meanwhile (a cancel
+    scope repeats its cancellation at every await); the caller re-raises its own error."""
+    task = asyncio.ensure_future(cleanup)
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except (asyncio.CancelledError, Exception):
+            continue
+    if not task.cancelled():
+        task.exception()  # retrieved, not raised: the caller's error is the one to raise

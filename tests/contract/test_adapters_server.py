@@ -13,7 +13,8 @@ one adapter loads it once, and each hostile entry is refused with its reason.
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
 
 import openai
 import pytest
@@ -31,11 +32,12 @@ from tests.contract.library import (
 )
 from tests.contract.library import STEPS as LIBRARY_STEPS
 from tests.contract.support import TOL, greedy
-from tests.server.support import SERVED_NAME
+from tests.server.support import MAX_LEN, SERVED_NAME
 
 pytestmark = pytest.mark.slow
 PROMPT = "the water call first who"
 STEPS = 6
+QUEUE = 6  # --adapter-queue-size: the largest burst of the tests below fits it exactly
 ADAPTERS = {
     "alpha": dict(network_type="cross_attn", n_themes=2, connection_point="layer_1", seed=1),
     "beta": dict(network_type="per_token_mix", n_themes=4, connection_point="embedding",
@@ -67,7 +69,7 @@ def server(engine, setup, workdir):
         f"beta={paths['beta']}", "--adapter-dir", str(workdir / "library"),
         "--max-adapters", str(PINNED + LIBRARY_PLACES), "--allowed-adapter-dirs",
         str(paths["gamma"].parent), str(workdir / "library"), "--max-lora-rank", "8",
-        "--max-talan-slots", "4")
+        "--max-talan-slots", "4", "--adapter-queue-size", str(QUEUE))
     yield proc
     proc.stop()
 
@@ -140,8 +142,6 @@ def test_each_model_equals_its_reference(client, references, model, talan):
 
 
 def test_mixed_concurrent_requests_equal_their_references(client, references):
-    from concurrent.futures import ThreadPoolExecutor
-
     jobs = [("alpha", True), ("beta", True), (SERVED_NAME, True), ("beta", False)] * 3
     # The references first: the switch of a shared HF model is not for concurrent use.
     wants = {job: reference_answer(references, *job) for job in set(jobs)}
@@ -267,6 +267,42 @@ def test_adapter_dir_burst_for_one_adapter_loads_it_once(server, library_wants):
     after = adapter_metrics(server)
     assert after["disk"] + after["cache"] == before["disk"] + before["cache"] + 1
     assert after["evicted"] == before["evicted"] + 1
+
+
+def test_adapter_dir_wait_queue_past_its_bound_is_answered_429(server, library_wants):
+    """Every directory place held by a request in flight: requests for one more adapter
+    wait for a place, --adapter-queue-size of them; the others get 429 with Retry-After at
+    once, and the waiting ones are served, each its reference, once the places free."""
+    held = LIBRARY[:LIBRARY_PLACES]
+    target = LIBRARY[LIBRARY_PLACES]
+    burst = QUEUE + 4
+    with server.client() as client, ExitStack() as streams:
+        lines = []  # each stream's reader, kept: a reader let go closes its connection
+        for name in held:  # in flight until closed: the server cannot evict them
+            response = streams.enter_context(client.stream("POST", "/v1/completions", json={
+                "model": name, "prompt": PROMPT, "max_tokens": MAX_LEN - 16,
+                "ignore_eos": True, "stream": True}))
+            assert response.status_code == 200
+            lines.append(response.iter_lines())
+            assert next(lines[-1]).startswith("data: {")
+        with ThreadPoolExecutor(burst) as pool:
+            asked = [pool.submit(ask, server, target) for _ in range(burst)]
+            first = []  # while the places are held, only refusals can come back
+            for future in as_completed(asked, timeout=60):
+                first.append(future.result())
+                if len(first) == burst - QUEUE:
+                    break
+            streams.close()  # the places free: the waiting requests load their adapter
+            rest = [future.result(timeout=120) for future in asked
+                    if not any(future.result() is response for response in first)]
+    for response in first:
+        assert response.status_code == 429, response.text
+        assert response.headers["Retry-After"] == "1"
+        assert response.json()["error"]["code"] == "adapter_queue_full"
+    assert [response.status_code for response in rest] == [200] * QUEUE
+    assert_library_reference(server, library_wants, target)
+    with server.client() as client:
+        assert client.get("/health").status_code == 200
 
 
 def test_adapter_dir_hostile_entries_are_refused_with_their_reason(server, library_wants,
