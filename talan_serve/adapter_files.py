@@ -105,10 +105,6 @@ class AdapterWeights:
         return self.lora_file is not None
 
     @property
-    def talan(self) -> dict[str, Tensor] | None:
-        return None if self.talan_file is None else tensors_from_bytes(self.talan_file)
-
-    @property
     def lora(self) -> dict[str, Tensor] | None:
         return None if self.lora_file is None else tensors_from_bytes(self.lora_file)
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from talan_serve.adapter_files import (
     BaseWeights,
     read_adapter,
+    tensors_from_bytes,
 )
 from talan_serve.checkpoint import WEIGHTS_NAME, CheckpointError
 from talan_serve.testing import build_tiny_checkpoint, reseal_checkpoint, reweight_checkpoint
@@ -66,18 +67,19 @@ def test_a_good_checkpoint_comes_back_with_its_tensors(checkpoint, base):
     assert weights.talan_file == (checkpoint / WEIGHTS_NAME).read_bytes()
     assert weights.lora_file == (checkpoint / LORA).read_bytes()
     assert weights.nbytes == len(weights.talan_file) + len(weights.lora_file)
-    talan = load_file(str(checkpoint / WEIGHTS_NAME))
-    assert weights.talan.keys() == talan.keys()
-    assert all(torch.equal(weights.talan[k], talan[k]) for k in talan)
+    talan, sent = load_file(str(checkpoint / WEIGHTS_NAME)), tensors_from_bytes(weights.talan_file)
+    assert sent.keys() == talan.keys()
+    assert all(torch.equal(sent[k], talan[k]) for k in talan)
 
 
 def test_another_adapter_of_the_kind_differs_in_every_tensor(checkpoint, base, tmp_path):
     other = read_adapter(reweight_checkpoint(checkpoint, tmp_path / "b", seed=1), base)
     first = read_adapter(checkpoint, base)
     assert other.config == first.config
-    for name, tensor in first.talan.items():
-        assert other.talan[name].shape == tensor.shape
-        assert not torch.equal(other.talan[name], tensor), name
+    theirs = tensors_from_bytes(other.talan_file)
+    for name, tensor in tensors_from_bytes(first.talan_file).items():
+        assert theirs[name].shape == tensor.shape
+        assert not torch.equal(theirs[name], tensor), name
 
 
 @pytest.mark.parametrize("file", [WEIGHTS_NAME, LORA])
