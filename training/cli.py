@@ -57,7 +57,7 @@ def _train(argv: list[str]) -> int:
 
         torch.set_num_threads(args.threads)
 
-    from training.distributed import LaunchError
+    from training.distributed import LaunchError, close_process_group
     from training.recipe import Recipe, RecipeError
     from training.resume import ResumeError
     from training.run import run
@@ -80,6 +80,7 @@ def _train(argv: list[str]) -> int:
     except (FileNotFoundError, LaunchError, ResumeError) as err:
         print(f"talan-train: {err}", file=sys.stderr)
         return 2
+    close_process_group()  # only after success: a failed rank must not wait on the others
     if not result.manifest:  # not the main process: it writes nothing
         return 0
     summary = result.manifest["results"]

@@ -218,3 +218,17 @@ def fill_auto(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
             filled[section]["enabled"] = False
     return filled
 
+
+
+def close_process_group() -> None:
+    """End a launch's process group once every process is done with it.
+
+    A process that exits with its gloo group still open can abort at interpreter shutdown
+    (``terminate called without an active exception``) while another rank is still writing
+    the run's files; the barrier keeps every rank until the last one is done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
