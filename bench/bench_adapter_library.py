@@ -17,7 +17,9 @@ through the HTTP server:
   and unloaded back to back (``/v1/load_lora_adapter``, read from disk each time),
   against the same streams with no load, in ABBA order; and the decode time lost per
   load (the streams' extra time over the loads they overlapped), which, unlike the
-  ratio, does not grow with how many loads fit in the probe;
+  ratio, does not grow with how many loads fit in the probe; and the same ratio from
+  ``--window-runs`` runs in which the loader alternates windows of loads and of none, so
+  that both sides share the run's conditions;
 * the CPU a load costs each of the server's processes (front end, engine core, workers:
   their user + system time over ``--cpu-cycles`` loads and unloads on an idle engine).
 
@@ -84,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=4, help="streams of the decode probe")
     p.add_argument("--stream-tokens", type=int, default=96)
     p.add_argument("--probe-pairs", type=int, default=2, help="ABBA pairs of the probe")
+    p.add_argument("--window-runs", type=int, default=2,
+                   help="runs of the probe with loading and quiet windows interleaved")
+    p.add_argument("--probe-window", type=float, default=1.0,
+                   help="seconds of each window of those runs")
     p.add_argument("--cpu-cycles", type=int, default=20,
                    help="loads and unloads timed for their CPU on an idle engine")
     p.add_argument("--work-dir", default=None, help="default: a new temporary folder")
@@ -167,9 +173,9 @@ async def traffic(url: str, models: list[str], clients: int, max_tokens: int, mo
     return Run(mode, seconds, tokens[0], len(models))
 
 
-async def stream_gaps(client: httpx.AsyncClient, model: str, index: int, tokens: int
-                      ) -> list[float]:
-    """Seconds between consecutive tokens of one streamed completion (after the first)."""
+async def stream_stamps(client: httpx.AsyncClient, model: str, index: int, tokens: int
+                        ) -> list[float]:
+    """When each token of one streamed completion arrived (``time.monotonic``)."""
     body = {"model": model, "prompt": prompt_of(index), "max_tokens": tokens,
             "temperature": 0, "ignore_eos": True, "stream": True}
     stamps: list[float] = []
@@ -178,7 +184,43 @@ async def stream_gaps(client: httpx.AsyncClient, model: str, index: int, tokens:
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
                 stamps.append(time.monotonic())
-    return [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
+    return stamps
+
+
+def decode_gaps(stamps: list[float]) -> list[tuple[float, float]]:
+    """(start, end) of each gap between consecutive tokens after the first (the first
+    token's wait is the prefill's)."""
+    return list(zip(stamps[1:], stamps[2:], strict=False))
+
+
+def gaps_by_window(streams: list[list[float]], windows: list[tuple[float, float, bool]]
+                   ) -> dict[bool, list[float]]:
+    """Each stream's gaps between tokens (``decode_gaps``) under the kind of window
+    (start, end, loading) that holds it whole; a gap across a window's edge counts for
+    neither."""
+    gaps: dict[bool, list[float]] = {True: [], False: []}
+    for stream in streams:
+        for a, b in decode_gaps(stream):
+            window = next((w for w in windows if w[0] <= a and b <= w[1]), None)
+            if window is not None:
+                gaps[window[2]].append(b - a)
+    return gaps
+
+
+async def load_cycle(client: httpx.AsyncClient, probes: Path, index: int,
+                     loads: list[float]) -> None:
+    """Load probe adapter ``index`` (from disk) and unload it; ``loads`` gets the load's
+    seconds."""
+    folders = sorted(probes.iterdir())
+    started = time.monotonic()
+    response = await client.post("/v1/load_lora_adapter", json={
+        "lora_name": "probe", "lora_path": str(folders[index % len(folders)])})
+    if response.status_code != 200:
+        raise RuntimeError(f"load: {response.status_code} {response.text}")
+    loads.append(time.monotonic() - started)
+    response = await client.post("/v1/unload_lora_adapter", json={"lora_name": "probe"})
+    if response.status_code != 200:
+        raise RuntimeError(f"unload: {response.status_code} {response.text}")
 
 
 async def probe(url: str, model: str, args: argparse.Namespace, probes: Path, loading: bool
@@ -191,31 +233,76 @@ async def probe(url: str, model: str, args: argparse.Namespace, probes: Path, lo
         async def loader() -> None:
             index = 0
             while not done.is_set():
-                folder = probes / f"p{index % len(list(probes.iterdir()))}"
-                started = time.monotonic()
-                response = await client.post("/v1/load_lora_adapter", json={
-                    "lora_name": "probe", "lora_path": str(folder)})
-                if response.status_code != 200:
-                    raise RuntimeError(f"load: {response.status_code} {response.text}")
-                loads.append(time.monotonic() - started)
-                response = await client.post("/v1/unload_lora_adapter",
-                                             json={"lora_name": "probe"})
-                if response.status_code != 200:
-                    raise RuntimeError(f"unload: {response.status_code} {response.text}")
+                await load_cycle(client, probes, index, loads)
                 index += 1
 
         task = asyncio.create_task(loader()) if loading else None
         started = time.monotonic()
-        gaps = await asyncio.gather(*[stream_gaps(client, model, i, args.stream_tokens)
-                                      for i in range(args.streams)])
+        stamps = await asyncio.gather(*[stream_stamps(client, model, i, args.stream_tokens)
+                                        for i in range(args.streams)])
         seconds = time.monotonic() - started
         done.set()
         if task is not None:
             await task
+    gaps = [[b - a for a, b in decode_gaps(stream)] for stream in stamps]
     pooled = [gap for stream in gaps for gap in stream]
     return {"loading": loading, "median_gap_ms": 1000 * statistics.median(pooled),
             "mean_gap_ms": 1000 * statistics.fmean(pooled), "gaps": len(pooled),
             "gaps_per_stream": len(gaps[0]), "seconds": seconds, "loads": len(loads)}
+
+
+async def probe_windows(url: str, model: str, args: argparse.Namespace, probes: Path
+                        ) -> dict:
+    """The probe's streams once, while the loader alternates windows of
+    ``--probe-window`` seconds: loads back to back, then none. A gap between tokens
+    counts for the window that holds it whole (gaps across a window's edge are left
+    out), so both kinds share one run's conditions: a slow minute of a shared machine
+    slows both alike."""
+    loads: list[float] = []
+    windows: list[tuple[float, float, bool]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+        done = asyncio.Event()
+
+        async def loader() -> None:
+            index, loading = 0, False
+            while not done.is_set():
+                started = time.monotonic()
+                if loading:
+                    while not done.is_set() and time.monotonic() - started < args.probe_window:
+                        await load_cycle(client, probes, index, loads)
+                        index += 1
+                else:
+                    try:
+                        await asyncio.wait_for(done.wait(), args.probe_window)
+                    except TimeoutError:
+                        pass
+                windows.append((started, time.monotonic(), loading))
+                loading = not loading
+
+        task = asyncio.create_task(loader())
+        stamps = await asyncio.gather(*[stream_stamps(client, model, i, args.stream_tokens)
+                                        for i in range(args.streams)])
+        done.set()
+        await task
+    gaps = gaps_by_window(stamps, windows)
+    return {"median_gap_loading_ms": 1000 * statistics.median(gaps[True]),
+            "median_gap_no_load_ms": 1000 * statistics.median(gaps[False]),
+            "gaps_loading": len(gaps[True]), "gaps_no_load": len(gaps[False]),
+            "windows": len(windows), "loads": len(loads),
+            "gap_ms": {"loading": [1000 * g for g in gaps[True]],
+                       "no_load": [1000 * g for g in gaps[False]]}}
+
+
+def interleaved_summary(runs: list[dict]) -> dict:
+    """The interleaved probe's ratio over all its runs' gaps, and each run's."""
+    loading = [g for r in runs for g in r["gap_ms"]["loading"]]
+    quiet = [g for r in runs for g in r["gap_ms"]["no_load"]]
+    return {"decode_gap_loading_interleaved_ms": statistics.median(loading),
+            "decode_gap_no_load_interleaved_ms": statistics.median(quiet),
+            "decode_step_ratio_interleaved": statistics.median(loading)
+            / statistics.median(quiet),
+            "decode_step_ratios_interleaved": [
+                r["median_gap_loading_ms"] / r["median_gap_no_load_ms"] for r in runs]}
 
 
 def decode_lost_per_load(runs: list[dict]) -> float:
@@ -347,6 +434,13 @@ def main(argv: list[str] | None = None) -> int:
                             "loading" if loading else "no load", result["median_gap_ms"],
                             result["loads"])
                 probe_runs.append(result)
+            window_runs = []
+            for _ in range(args.window_runs):
+                result = asyncio.run(probe_windows(url, popular, args, probes))
+                logger.info("decode probe, interleaved windows: median gap %.1f ms loading, "
+                            "%.1f ms not, %d loads", result["median_gap_loading_ms"],
+                            result["median_gap_no_load_ms"], result["loads"])
+                window_runs.append(result)
             with httpx.Client(base_url=url) as client:
                 metrics = client.get("/metrics").text
         finally:
@@ -372,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             "decode_gap_loading_ms": statistics.median(busy),
             "decode_step_ratio": statistics.median(busy) / statistics.median(quiet),
             "decode_lost_per_load_ms": decode_lost_per_load(probe_runs),
+            **interleaved_summary(window_runs),
             "cpu_ms_per_load_and_unload": cpu,
             "evictions": float(evictions[1]) if evictions else None,
         }
@@ -387,11 +482,13 @@ def main(argv: list[str] | None = None) -> int:
             "max_tokens": args.max_tokens, "zipf": args.zipf,
             "distinct_adapters_in_traffic": len(set(models)),
             "streams": args.streams, "stream_tokens": args.stream_tokens,
+            "probe_window_s": args.probe_window,
         }
         record = {"meta": meta, "summary": summary, "warm_up": asdict(warm) | {
             "tokens_per_s": warm.tokens_per_s},
             "runs": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in runs],
-            "probe": probe_runs, "load_seconds": loads, "idle_load_seconds": idle}
+            "probe": probe_runs, "probe_windows": window_runs, "load_seconds": loads,
+            "idle_load_seconds": idle}
         write_results(Path(args.out), record)
     finally:
         if not args.keep:
@@ -427,6 +524,12 @@ def write_results(out: Path, record: dict) -> None:
         f"| decode step while loading / no load | {s['decode_step_ratio']:.3f}x "
         f"({s['decode_gap_loading_ms']:.1f} / {s['decode_gap_no_load_ms']:.1f} ms between "
         f"tokens) | <= 1.05x |",
+        f"| same, loading and quiet windows of {meta['probe_window_s']:g} s interleaved "
+        f"in one run | {s['decode_step_ratio_interleaved']:.3f}x "
+        f"({s['decode_gap_loading_interleaved_ms']:.1f} / "
+        f"{s['decode_gap_no_load_interleaved_ms']:.1f} ms; "
+        f"runs {', '.join(f'{r:.3f}' for r in s['decode_step_ratios_interleaved'])}) "
+        f"| <= 1.05x |",
         f"| decode time lost per load during the probe | "
         f"{s['decode_lost_per_load_ms']:.1f} ms | |",
         "| CPU per load + unload from disk, idle engine | " + ", ".join(
@@ -441,7 +544,9 @@ def write_results(out: Path, record: dict) -> None:
         "a time, twice, "
         "before the traffic. Decode step: the median gap between streamed tokens of the probe's "
         "streams, with adapters loaded and unloaded back to back meanwhile or not; time lost "
-        "per load: the loading runs' extra stream time (mean gaps) over their loads. CPU: "
+        "per load: the loading runs' extra stream time (mean gaps) over their loads; "
+        "interleaved: one run of the streams while the loader alternates windows of loads "
+        "and of none, each gap counted for the window that holds it whole. CPU: "
         "user + system time of each process per load and unload (the workers' includes "
         "vLLM's polling of its message queue after each call).",
     ]

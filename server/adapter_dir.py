@@ -65,6 +65,9 @@ class DirectoryEntry:
         return bool(manifest.get("talan")), bool(manifest.get("adapter"))
 
 
+Holds = tuple[bool | None, bool | None]
+
+
 @dataclass(frozen=True)
 class StartConfig:
     """What an entry says of itself without reading tensors (for sizing at start)."""
@@ -79,6 +82,30 @@ class AdapterDirectory:
 
     def __init__(self, roots: Sequence[str | Path]):
         self.roots = tuple(Path(root) for root in roots)
+        # path -> (its manifest's stat, what it holds): a listing of many folders reads
+        # only the manifests that changed since the last.
+        self._holds: dict[Path, tuple[tuple[int, int, int], Holds]] = {}
+
+    def listing(self, leave_out: set[str]) -> list[tuple[DirectoryEntry, Holds]]:
+        """The entries there are now but those named in ``leave_out``, each with what it
+        holds (``DirectoryEntry.holds``). Blocking: many folders take milliseconds."""
+        listed: list[tuple[DirectoryEntry, Holds]] = []
+        known: dict[Path, tuple[tuple[int, int, int], Holds]] = {}
+        for entry in self.entries():
+            if entry.name in leave_out:
+                continue
+            try:
+                stat = (entry.path / MANIFEST_NAME).stat()
+            except OSError:
+                listed.append((entry, (None, None)))
+                continue
+            key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            cached = self._holds.get(entry.path)
+            holds = cached[1] if cached is not None and cached[0] == key else entry.holds()
+            known[entry.path] = (key, holds)
+            listed.append((entry, holds))
+        self._holds = known
+        return listed
 
     def entry(self, name: str) -> DirectoryEntry:
         """The folder serving ``name``: ``AdapterRefused`` for a name or a symlink that is

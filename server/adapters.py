@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server.adapter_cache import AdapterCache, CacheKey
-from server.adapter_dir import AdapterDirectory, DirectoryEntry
+from server.adapter_dir import AdapterDirectory, DirectoryEntry, Holds
 from server.adapter_errors import (
     AdapterError,
     AdapterQueueFull,
@@ -500,13 +500,13 @@ class ServedAdapters:
             raise
         return True
 
-    def unloaded_entries(self) -> list[DirectoryEntry]:
+    async def unloaded_entries(self) -> list[tuple[DirectoryEntry, Holds]]:
         """The on-demand entries there are now that are not loaded (nor shadowed by a
-        loaded adapter of that name)."""
+        loaded adapter of that name), with what each holds; listed off the event loop."""
         if self.directory is None:
             return []
         taken = {*self.registry.names(), self.base_name}
-        return [entry for entry in self.directory.entries() if entry.name not in taken]
+        return await asyncio.to_thread(self.directory.listing, taken)
 
     async def _bring(self, name: str) -> Adapter:
         """An adapter of --adapter-dir, loaded (once, however many ask at the same time)."""

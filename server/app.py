@@ -145,8 +145,8 @@ def create_app(
                 id=adapter.name, talan=adapter.has_talan, root=str(adapter.path),
                 parent=info.name, adapter="per_request" if adapter.lora_rank else None,
                 loaded=True, pinned=adapter.pinned, **common))
-        for entry in adapters.unloaded_entries() if adapters is not None else ():
-            talan, lora = entry.holds()
+        for entry, (talan, lora) in (await adapters.unloaded_entries()
+                                     if adapters is not None else ()):
             cards.append(ModelCard(id=entry.name, talan=talan, root=str(entry.path),
                                    parent=info.name, adapter="per_request" if lora else None,
                                    loaded=False, pinned=False, **common))

@@ -233,6 +233,12 @@ def serve(args: argparse.Namespace, served: ServedModel) -> int:
     except UsageError as error:  # found once the model's files are read (its parsers)
         print(f"talan-serve: {error}", file=sys.stderr)
         return 2
+    # The engine runs in its own processes; what torch does here (checking an adapter
+    # before it loads) is small, and a second intra-op thread spinning after each op
+    # took a core from the engine's decoding (docs/adapters.md).
+    import torch
+
+    torch.set_num_threads(1)
     info = backend.info
     logger.info("serving %s in %s: TALAN %s, LoRA %s; parsers: reasoning %s, tool calls %s",
                 info.name, info.dtype, "on (per-request switch)" if info.talan else "none",

@@ -140,9 +140,9 @@ def _lora_tensors(root: Path, data: bytes) -> dict[str, Tensor]:
 
 
 def check_lora(root: Path, config: dict[str, Any], tensors: dict[str, Tensor],
-               base: BaseWeights) -> int:
+               base: BaseWeights, data: bytes | None = None) -> int:
     """Raise ``CheckpointError`` unless ``tensors`` are a LoRA of ``config`` on ``base``;
-    the LoRA's rank."""
+    the LoRA's rank. ``data``: the safetensors file they were read from, if at hand."""
     where = root / ADAPTER_FILES[1]
     if config.get("use_dora"):
         raise CheckpointError("DoRA adapters are served merged into the weights, one per "
@@ -166,7 +166,7 @@ def check_lora(root: Path, config: dict[str, Any], tensors: dict[str, Tensor],
         halves.setdefault(match["module"], {})[match["half"]] = tensor
     if not halves:
         raise CheckpointError(f"{where}: holds no LoRA tensor")
-    check_finite(where, tensors)
+    check_finite(where, tensors, data)
     largest = 0
     for module, pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
@@ -211,7 +211,8 @@ def read_adapter(path: str | Path, base: BaseWeights,
         # load_checkpoint has checksummed both and read the config as a JSON object.
         lora_config = json.loads(contents[ADAPTER_FILES[0]])
         lora_file = contents[ADAPTER_FILES[1]]
-        rank = check_lora(root, lora_config, _lora_tensors(root, lora_file), base)
+        rank = check_lora(root, lora_config, _lora_tensors(root, lora_file), base,
+                          lora_file)
     talan_file = contents[WEIGHTS_NAME] if checkpoint.has_talan else None
     return AdapterWeights(root, checkpoint.base_model, checkpoint.config, talan_file,
                           lora_config, lora_file, rank)

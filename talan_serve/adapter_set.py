@@ -99,8 +99,9 @@ class TalanAdapterSet(nn.Module):
         self.check(config)
         if str(adapter) in self.blocks:
             raise AdapterSetError(f"adapter {adapter} is loaded already")
-        block = TalanBlock(config)
-        block.load_state_dict(state_dict, strict=True)
+        with torch.device("meta"):  # the state dict's tensors become the weights
+            block = TalanBlock(config)
+        block.load_state_dict(state_dict, strict=True, assign=True)
         block.requires_grad_(False)
         block = block.to(device=device, dtype=torch.float32)
         if self.spec.stacked:

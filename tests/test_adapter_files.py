@@ -84,12 +84,20 @@ def test_another_adapter_of_the_kind_differs_in_every_tensor(checkpoint, base, t
 
 @pytest.mark.parametrize("file", [WEIGHTS_NAME, LORA])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_a_tensor_that_is_not_finite(broken, base, file, value):
+@pytest.mark.parametrize("where", [0, -1], ids=["first", "last"])
+def test_a_tensor_that_is_not_finite(broken, base, file, value, where):
+    """At either end of the file's data section (which is summed at once first), the
+    refusal names the tensor."""
+    name = ""
+
     def poison(tensors):
-        tensors[sorted(tensors)[-1]].view(-1)[-1] = value
+        nonlocal name
+        name = sorted(tensors)[where]  # safetensors writes tensors in name order
+        tensors[name].view(-1)[where] = value
 
     edit(broken, file, poison)
-    with pytest.raises(CheckpointError, match=r"is not finite \(1 NaN or infinite value"):
+    with pytest.raises(CheckpointError, match=rf"tensor {name} is not finite \(1 NaN or "
+                                              "infinite value"):
         read_adapter(broken, base)
 
 

@@ -43,3 +43,14 @@ def test_gpu_runs_leave_out_same_engine_ratios(tmp_path):
            "| 1.010-1.010 |")
     assert row in table
     assert "same engine" not in table
+
+
+def test_interleaved_probe_counts_each_gap_for_the_window_that_holds_it():
+    from bench_adapter_library import gaps_by_window
+
+    # Tokens every 1 s, then 1.5 s apart; windows: quiet [0, 3.2), loading [3.2, 9).
+    stamps = [0.0, 1.0, 2.0, 3.0, 4.5, 6.0, 7.5]
+    windows = [(0.0, 3.2, False), (3.2, 9.0, True)]
+    gaps = gaps_by_window([stamps, stamps], windows)
+    # The first gap (0 -> 1) is the prefill's; 3.0 -> 4.5 crosses an edge: neither.
+    assert gaps == {False: [1.0, 1.0, 1.0, 1.0], True: [1.5, 1.5, 1.5, 1.5]}

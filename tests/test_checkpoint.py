@@ -13,6 +13,7 @@ from talan_serve.checkpoint import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
     CheckpointError,
+    check_finite,
     load_checkpoint,
     save_checkpoint,
     sha256_file,
@@ -160,3 +161,25 @@ def test_missing_file_and_missing_manifest(broken, tmp_path):
         load_checkpoint(broken)
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("tensors, refused", [
+    # Finite float64 values whose sum overflows: the summed check says "maybe", each
+    # tensor's elements say finite.
+    ({"a": torch.full((2,), 1e308, dtype=torch.float64)}, None),
+    # +inf and -inf in one section sum to NaN; a NaN in a float16 file.
+    ({"a": torch.tensor([1.0, float("inf")]), "b": torch.tensor([float("-inf")])}, "a"),
+    ({"a": torch.zeros(3, dtype=torch.float16), "b": torch.tensor([0.0, float("nan")],
+                                                                  dtype=torch.float16)}, "b"),
+    # Two dtypes: no single view of the section; each tensor is checked.
+    ({"a": torch.zeros(2), "b": torch.tensor([float("nan")], dtype=torch.float64)}, "b"),
+])
+def test_check_finite_over_a_files_data_section(tensors, refused, tmp_path):
+    from safetensors.torch import save
+
+    data = save(tensors)
+    if refused is None:
+        check_finite(tmp_path, tensors, data)
+    else:
+        with pytest.raises(CheckpointError, match=f"tensor {refused} is not finite"):
+            check_finite(tmp_path, tensors, data)

@@ -275,3 +275,30 @@ def test_unload_waits_for_the_requests_in_flight(library):
         assert "a" not in adapters.registry.names()
 
     asyncio.run(run())
+
+
+def test_the_listing_reads_only_manifests_that_changed(library, monkeypatch):
+    """/v1/models lists every folder with what it holds; a second listing reads no
+    manifest that has not changed, and sees one that has."""
+    from server import adapter_dir
+    from talan_serve.checkpoint import MANIFEST_NAME
+
+    read = []
+    real = adapter_dir.read_manifest
+    monkeypatch.setattr(adapter_dir, "read_manifest",
+                        lambda path: read.append(Path(path).name) or real(path))
+    adapters, _, _ = served(library, places=2)
+    asyncio.run(use(adapters, "a"))
+
+    def listing():
+        return {e.name: holds for e, holds in asyncio.run(adapters.unloaded_entries())}
+
+    assert listing() == {name: (True, False) for name in "bcd"}  # "a" is loaded
+    assert sorted(read) == ["b", "c", "d"]
+    read.clear()
+    assert listing() == {name: (True, False) for name in "bcd"} and read == []
+    manifest = library / "c" / MANIFEST_NAME
+    manifest.write_text(manifest.read_text().replace("{", "{ ", 1))  # another size
+    (library / "d" / MANIFEST_NAME).write_text("not JSON")
+    assert listing() == {"b": (True, False), "c": (True, False), "d": (None, None)}
+    assert sorted(read) == ["c", "d"]
