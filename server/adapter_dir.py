@@ -130,15 +130,20 @@ class AdapterDirectory:
         seen: set[str] = set()
         for root in self.roots:
             try:
-                children = sorted(root.iterdir())
+                with os.scandir(root) as scan:
+                    children = sorted(scan, key=lambda child: child.name)
             except OSError as error:
                 logger.warning("--adapter-dir %s: %s", root, error)
                 continue
-            for path in children:
-                name = path.name
-                if name in seen or name.startswith(".") or not _inside(path, root):
+            for child in children:
+                name = child.name
+                if name in seen or name.startswith("."):
                     continue
-                if path.is_dir() and (path / MANIFEST_NAME).is_file():
+                # Only a symlink can lead out: a plain child of a directory lies in it.
+                if child.is_symlink() and not _inside(Path(child.path), root):
+                    continue
+                path = root / name
+                if child.is_dir() and (path / MANIFEST_NAME).is_file():
                     seen.add(name)
                     yield DirectoryEntry(name, path, root)
 
