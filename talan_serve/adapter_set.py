@@ -95,11 +95,13 @@ class TalanAdapterSet(nn.Module):
         state_dict: dict[str, Tensor],
         device: torch.device | str | None = None,
     ) -> None:
-        """Load one adapter's block (fp32, frozen) under ``adapter``."""
+        """Load one adapter's block (fp32, frozen) under ``adapter``. ``state_dict``'s
+        tensors become its weights (not copied where device and dtype already match):
+        the caller hands them over and does not change them afterwards."""
         self.check(config)
         if str(adapter) in self.blocks:
             raise AdapterSetError(f"adapter {adapter} is loaded already")
-        with torch.device("meta"):  # the state dict's tensors become the weights
+        with torch.device("meta"):  # no memory and no random init for what is replaced
             block = TalanBlock(config)
         block.load_state_dict(state_dict, strict=True, assign=True)
         block.requires_grad_(False)
