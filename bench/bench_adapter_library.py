@@ -207,11 +207,10 @@ def gaps_by_window(streams: list[list[float]], windows: list[tuple[float, float,
     return gaps
 
 
-async def load_cycle(client: httpx.AsyncClient, probes: Path, index: int,
+async def load_cycle(client: httpx.AsyncClient, folders: list[Path], index: int,
                      loads: list[float]) -> None:
-    """Load probe adapter ``index`` (from disk) and unload it; ``loads`` gets the load's
-    seconds."""
-    folders = sorted(probes.iterdir())
+    """Load probe adapter ``index`` of ``folders`` (from disk) and unload it; ``loads``
+    gets the load's seconds."""
     started = time.monotonic()
     response = await client.post("/v1/load_lora_adapter", json={
         "lora_name": "probe", "lora_path": str(folders[index % len(folders)])})
@@ -227,13 +226,14 @@ async def probe(url: str, model: str, args: argparse.Namespace, probes: Path, lo
                 ) -> dict:
     """The decode probe's streams, with adapters loaded and unloaded meanwhile or not."""
     loads: list[float] = []
+    folders = sorted(probes.iterdir())
     async with httpx.AsyncClient(base_url=url, timeout=900) as client:
         done = asyncio.Event()
 
         async def loader() -> None:
             index = 0
             while not done.is_set():
-                await load_cycle(client, probes, index, loads)
+                await load_cycle(client, folders, index, loads)
                 index += 1
 
         task = asyncio.create_task(loader()) if loading else None
@@ -259,6 +259,7 @@ async def probe_windows(url: str, model: str, args: argparse.Namespace, probes: 
     out), so both kinds share one run's conditions: a slow minute of a shared machine
     slows both alike."""
     loads: list[float] = []
+    folders = sorted(probes.iterdir())
     windows: list[tuple[float, float, bool]] = []
     async with httpx.AsyncClient(base_url=url, timeout=900) as client:
         done = asyncio.Event()
@@ -269,7 +270,7 @@ async def probe_windows(url: str, model: str, args: argparse.Namespace, probes: 
                 started = time.monotonic()
                 if loading:
                     while not done.is_set() and time.monotonic() - started < args.probe_window:
-                        await load_cycle(client, probes, index, loads)
+                        await load_cycle(client, folders, index, loads)
                         index += 1
                 else:
                     try:

@@ -48,6 +48,9 @@ def _inside(path: Path, root: Path) -> bool:
     return resolved == top or top in resolved.parents
 
 
+Holds = tuple[bool | None, bool | None]  # TALAN, LoRA (None: the manifest is unreadable)
+
+
 @dataclass(frozen=True)
 class DirectoryEntry:
     """One adapter folder: its name, its path under its directory, and that directory."""
@@ -56,7 +59,7 @@ class DirectoryEntry:
     path: Path
     root: Path
 
-    def holds(self) -> tuple[bool | None, bool | None]:
+    def holds(self) -> Holds:
         """Whether it holds TALAN and a LoRA, as its manifest says (None: unreadable)."""
         try:
             manifest = read_manifest(self.path)
@@ -64,8 +67,6 @@ class DirectoryEntry:
             return None, None
         return bool(manifest.get("talan")), bool(manifest.get("adapter"))
 
-
-Holds = tuple[bool | None, bool | None]
 
 
 @dataclass(frozen=True)

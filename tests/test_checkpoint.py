@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from transformers import AutoModelForCausalLM
 
 from talan_serve.checkpoint import (
@@ -175,8 +175,6 @@ def test_missing_file_and_missing_manifest(broken, tmp_path):
     ({"a": torch.zeros(2), "b": torch.tensor([float("nan")], dtype=torch.float64)}, "b"),
 ])
 def test_check_finite_over_a_files_data_section(tensors, refused, tmp_path):
-    from safetensors.torch import save
-
     data = save(tensors)
     if refused is None:
         check_finite(tmp_path, tensors, data)
