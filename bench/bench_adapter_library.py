@@ -24,6 +24,8 @@ through the HTTP server:
   their user + system time over ``--cpu-cycles`` loads and unloads on an idle engine).
 
 The adapters live in a temporary folder (about 4 MB each) that is deleted at the end.
+``--worker-cpus`` binds the engine's worker to some cores, leaving the others to the rest
+of the server (by default it decodes on every core of a small machine).
 
     python bench/bench_adapter_library.py --out bench/results/adapter_library_cpu_smollm2
 """
@@ -92,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds of each window of those runs")
     p.add_argument("--cpu-cycles", type=int, default=20,
                    help="loads and unloads timed for their CPU on an idle engine")
+    p.add_argument("--worker-cpus", default=None,
+                   help="the engine worker's CPUs (VLLM_CPU_OMP_THREADS_BIND, e.g. 0: the "
+                        "other cores left to the front end and engine core); default: the "
+                        "server's choice (every core on a machine of up to 4)")
     p.add_argument("--work-dir", default=None, help="default: a new temporary folder")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--start-timeout", type=float, default=900)
@@ -133,6 +139,8 @@ def start_server(args: argparse.Namespace, work: Path, library: Path, probes: Pa
     # room in the KV cache for 32 clients.
     env = {"TALAN_SERVE_CACHE": str(cache_root()),
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    if args.worker_cpus is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = args.worker_cpus
     return start_local_server(
         args.model, work, "--engine", "vllm", "--served-model-name", NAME,
         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--log-level", "info",
@@ -477,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                        f"{platform.python_version()}",
             "engine": "vllm (CPU), fp32, eager",
+            "worker_cpus": args.worker_cpus or "the server's choice (every core)",
             "base_model": args.model, "checkpoint": args.checkpoint,
             "adapters": args.adapters, "max_adapters": args.max_adapters,
             "clients": args.clients, "requests": args.requests,

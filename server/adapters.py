@@ -3,8 +3,8 @@
 The engine's half is ``talan_serve.adapter_set`` (run by ``talan_serve.engine``). Here,
 for every engine: what the server is sized for at start (``size_adapters``), names to
 engine adapter ids, what a new checkpoint must fit, the allowlist for loading at run time,
-and ``ServedAdapters``: loads and unloads one at a time, each request's route by its
-``model``, and, with ``--adapter-dir``, adapters loaded on their first request.
+and ``ServedAdapters``: loads and unloads, each request's route by its ``model``, and, with
+``--adapter-dir``, adapters loaded on their first request.
 
 Every checkpoint is validated whole before it takes a place (``talan_serve.adapter_files``
 and ``AdapterRegistry.check_fits``), off the event loop; the engine then gets the
@@ -15,10 +15,13 @@ start) is evicted, into a host-memory cache (``server.adapter_cache``); adapters
 explicitly (``--adapters``, ``/v1/load_lora_adapter``) are pinned. A load for which no
 place can be freed waits until a request ends, and the requests waiting for their
 adapter are bounded (past the bound: ``AdapterQueueFull``, HTTP 429). However many
-requests ask for one adapter at once, it is loaded once. Ids are never reused, so neither
-a late request nor a prefix-cache entry of an unloaded adapter can reach another one. A
-backend supplies only its engine's two calls (``AdapterEngine``). This module imports no
-backend: the backends import it.
+requests ask for one adapter at once, it is loaded once. A place is taken (and the
+adapter it evicts chosen) on the event loop with no await in between; the engine calls
+that follow run concurrently, so that loads waiting together reach the engine together
+(one wait for a step, not one each). Ids are never reused, so neither a late request nor
+a prefix-cache entry of an unloaded adapter can reach another one. A backend supplies
+only its engine's two calls (``AdapterEngine``). This module imports no backend: the
+backends import it.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ class Adapter:
     cache_key: CacheKey | None = None
     pinned: bool = False
     in_flight: int = 0
-    retired: bool = False
+    retired: bool = False  # not routed to: loading, or leaving
+    leaving: bool = False  # on its way out of the engine: evicted or unloaded
+    evicted: bool = False  # its place is the evicting load's already
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -104,8 +109,9 @@ class AdapterRegistry:
 
     @property
     def places_taken(self) -> int:
-        """Adapters holding a place: served, loading, or unloading."""
-        return len(self._adapters)
+        """Adapters holding a place: served, loading, or unloading (an evicted one's place
+        is the load's that evicts it)."""
+        return len(self.holders())
 
     def check_fits(self, name: str, weights: AdapterWeights) -> None:
         """Raise ``AdapterError`` unless a validated checkpoint fits what this server was
@@ -130,13 +136,23 @@ class AdapterRegistry:
         if not name or name in self._adapters:
             raise AdapterError(f"an adapter named {name!r} is loaded already" if name
                                else "an adapter needs a name")
-        if len(self._adapters) - (evicting is not None) >= self.capacity:
+        if self.places_taken - (evicting is not None) >= self.capacity:
             raise AdapterError(f"{self.capacity} adapters are loaded, the most this server "
                                "holds (--max-adapters); unload one first")
+        if evicting is not None:
+            evicting.retired = evicting.leaving = evicting.evicted = True
         adapter = Adapter(name, self._next_id, weights, cache_key, pinned, retired=True)
         self._next_id += 1
         self._adapters[name] = adapter
         return adapter
+
+    def holders(self) -> list[Adapter]:
+        """The adapters holding a place (``places_taken`` of them)."""
+        return [adapter for adapter in self._adapters.values() if not adapter.evicted]
+
+    def named(self, name: str) -> Adapter | None:
+        """The adapter of that name, served, loading or leaving."""
+        return self._adapters.get(name)
 
     def publish(self, adapter: Adapter) -> None:
         adapter.retired = False
@@ -149,7 +165,7 @@ class AdapterRegistry:
         adapter = self.get(name)
         if adapter is None:
             raise ModelNotFoundError(f"no adapter named {name!r} is loaded")
-        adapter.retired = True
+        adapter.retired = adapter.leaving = True
         return adapter
 
 
@@ -239,7 +255,9 @@ class AdapterEngine(Protocol):
 
     An engine serves such a call between two of its steps, so each call a request waits
     on costs up to a step: an eviction and the load it makes room for come as one
-    ``load``, for the engine to do in as few calls as it can."""
+    ``load``, for the engine to do in as few calls as it can, and calls for different
+    adapters come concurrently, for the engine to serve in the same gap (a backend whose
+    engine takes one call at a time queues them itself)."""
 
     async def load(self, name: str, adapter_id: int, weights: AdapterWeights,
                    evicting: EngineAdapter | None = None) -> Any:
@@ -336,7 +354,6 @@ class ServedAdapters:
         self.queue_size = on_demand.queue_size if on_demand is not None else 0
         self.events: AdapterEvents = NoEvents()
         self._loras: dict[int, Any] = {}
-        self._lock = asyncio.Lock()  # the engine's adapters change one at a time
         self._loads: dict[str, asyncio.Task] = {}  # one load per name at a time
         self._pending: Counter[str] = Counter()  # requests about to run each adapter
         self._waiting = 0  # requests waiting for their adapter to be loaded
@@ -388,27 +405,33 @@ class ServedAdapters:
     async def _install(self, name: str, weights: AdapterWeights, key: CacheKey | None,
                        source: str, seconds: float, pinned: bool) -> None:
         """Give a validated adapter a place (evicting one if need be) and load it; an
-        on-demand load waits for a place, a pinned one is refused without one."""
+        on-demand load waits for a place, a pinned one is refused without one. An adapter
+        of that name still leaving the engine is waited for."""
         while True:
             generation = self._places.generation
-            async with self._lock:
-                victim = None
-                if self.registry.places_taken >= self.registry.capacity:
-                    victim = self._victim()
-                if self.registry.places_taken < self.registry.capacity or victim:
-                    started = time.monotonic()
-                    await self._put(name, weights, key, pinned, victim)
-                    seconds += time.monotonic() - started
-                    self.events.loaded(name, source, seconds)
-                    logger.info("adapter %s loaded from %s in %.3f s", name, source, seconds)
-                    return
-                if pinned:
-                    raise AdapterError(f"{self.registry.capacity} adapters are loaded, the "
-                                       "most this server holds (--max-adapters), and none "
-                                       "is idle; unload one first")
-                if all(a.pinned for a in self.registry.served()):
-                    raise AdapterError("every place is held by a pinned adapter "
-                                       "(--max-adapters); unload one")
+            present = self.registry.named(name)
+            if present is not None and not present.leaving:
+                raise AdapterError(f"an adapter named {name!r} is loaded already")
+            if present is not None:
+                await self._places.wait(generation)
+                continue
+            victim = None
+            if self.registry.places_taken >= self.registry.capacity:
+                victim = self._victim()
+            if self.registry.places_taken < self.registry.capacity or victim:
+                started = time.monotonic()
+                await self._put(name, weights, key, pinned, victim)
+                seconds += time.monotonic() - started
+                self.events.loaded(name, source, seconds)
+                logger.info("adapter %s loaded from %s in %.3f s", name, source, seconds)
+                return
+            if pinned:
+                raise AdapterError(f"{self.registry.capacity} adapters are loaded, the "
+                                   "most this server holds (--max-adapters), and none "
+                                   "is idle; unload one first")
+            if all(a.pinned and not a.retired for a in self.registry.holders()):
+                raise AdapterError("every place is held by a pinned adapter "
+                                   "(--max-adapters); unload one")
             await self._places.wait(generation)
 
     def _held(self, adapter: Adapter) -> EngineAdapter:
@@ -418,11 +441,11 @@ class ServedAdapters:
     async def _put(self, name: str, weights: AdapterWeights, key: CacheKey | None,
                    pinned: bool, victim: Adapter | None = None) -> None:
         """Load a validated adapter into a place: a free one, or ``victim``'s, evicted
-        (into the host cache) in the same engine call."""
+        (into the host cache) in the same engine call. The place is taken before the
+        first await."""
         adapter = self.registry.reserve(name, weights, key, pinned, evicting=victim)
         evicting = None
         if victim is not None:
-            self.registry.retire(victim.name)
             if victim.cache_key is not None:
                 self.cache.put(victim.cache_key, victim.weights)
             evicting = self._held(victim)
@@ -475,12 +498,11 @@ class ServedAdapters:
         await self._install(name, weights, key, source, time.monotonic() - started, True)
 
     async def unload(self, name: str) -> None:
-        async with self._lock:
-            adapter = self.registry.retire(name)
-            while adapter.in_flight:  # woken as its last request ends
-                await self._places.wait(self._places.generation)
-            await self._remove(adapter)
-            logger.info("adapter %s unloaded", name)
+        adapter = self.registry.retire(name)
+        while adapter.in_flight:  # woken as its last request ends
+            await self._places.wait(self._places.generation)
+        await self._remove(adapter)
+        logger.info("adapter %s unloaded", name)
 
     # --- requests ----------------------------------------------------------------------
 

@@ -218,6 +218,9 @@ class SglangBackend(EngineBackend):
                                                      self.reasoning_parser))
         self._manager = self._engine.tokenizer_manager
         self._dead: str | None = None
+        # The engine's RPC socket takes one call at a time (a send, then its answer);
+        # ServedAdapters may have several loads in flight.
+        self._rpc_turn = asyncio.Lock()
         model_config = self._manager.model_config
         return EngineFacts(max_model_len=model_config.context_len,
                            vocab_size=model_config.vocab_size,
@@ -344,9 +347,14 @@ class SglangBackend(EngineBackend):
     # (talan_serve.plugins.sglang.rpc), LoRAs through SGLang's dynamic LoRA loading -------
 
     async def _rpc(self, method: str, **kwargs: Any) -> None:
+        # Shielded: a cancelled caller's round trip still ends before the next one starts.
+        await asyncio.shield(self._rpc_in_turn(method, kwargs))
+
+    async def _rpc_in_turn(self, method: str, kwargs: dict[str, Any]) -> None:
         try:
             # A blocking round trip to every scheduler (SGLang's engine API).
-            await asyncio.to_thread(self._engine.collective_rpc, method, **kwargs)
+            async with self._rpc_turn:
+                await asyncio.to_thread(self._engine.collective_rpc, method, **kwargs)
         except AssertionError as error:  # SGLang reports a failed call this way
             raise AdapterError(str(error) or f"{method} failed in the engine") from error
 

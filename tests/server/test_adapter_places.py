@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,23 +34,36 @@ BASE = BaseWeights(hidden_size=128, num_layers=4, shapes={})
 
 
 class StandInEngine:
-    """Records what it is asked; a load may be held until ``gate`` is set."""
+    """Records what it is asked, and holds at most ``places`` adapters (as an engine
+    sized for them does); a load may be held until ``gate`` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, places: int) -> None:
+        self.places = places
         self.calls: list[tuple[str, int]] = []
+        self.held: set[int] = set()
         self.gate: asyncio.Event | None = None
+        self.in_flight = self.most_in_flight = 0
 
     async def load(self, name, adapter_id, weights, evicting=None):
         assert not weights.has_lora, "TALAN-only adapters here"
         if evicting is not None:
             self.calls.append(("unload", evicting.adapter_id))
+            self.held.remove(evicting.adapter_id)
         self.calls.append(("load", adapter_id))
-        if self.gate is not None:
-            await self.gate.wait()
+        self.held.add(adapter_id)
+        assert len(self.held) <= self.places, "more adapters than the engine holds"
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+        finally:
+            self.in_flight -= 1
         return None
 
     async def unload(self, adapter) -> None:
         self.calls.append(("unload", adapter.adapter_id))
+        self.held.remove(adapter.adapter_id)
 
 
 class Events:
@@ -96,7 +110,7 @@ def served(library: Path, places: int, queue: int = 8, cache: int = 2**20
            ) -> tuple[ServedAdapters, StandInEngine, Events]:
     spec = AdapterSetSpec.covering([tiny_talan_config()], 128, None, (), places)
     registry = AdapterRegistry(spec, BASE, places, None)
-    engine, events = StandInEngine(), Events()
+    engine, events = StandInEngine(places), Events()
     adapters = ServedAdapters(registry, engine, "tiny",
                               OnDemand(AdapterDirectory([library]), cache, queue))
     adapters.events = events
@@ -167,6 +181,60 @@ def test_an_adapter_in_flight_is_not_evicted_and_a_load_waits_for_a_place(librar
         assert engine.calls[-2:] == [("unload", 2), ("load", 3)]
         done["a"].set()
         await asyncio.gather(*holders)
+
+    asyncio.run(run())
+
+
+def test_loads_that_wait_together_reach_the_engine_together(library):
+    """Two evictions and their loads are in flight at once (an engine serves them in one
+    wait for a step), each into its own place; a request for an adapter still leaving
+    waits for it to leave, then loads it again, and one for another waits for a place."""
+    shutil.copytree(library / "a", library / "e")
+
+    async def run():
+        adapters, engine, events = served(library, places=2)
+        for name in "ab":
+            await use(adapters, name)
+        engine.gate = asyncio.Event()
+        loads = [asyncio.create_task(use(adapters, name)) for name in "cd"]
+        await until(lambda: engine.in_flight == 2)
+        assert sorted(engine.calls[2:]) == [("load", 3), ("load", 4), ("unload", 1),
+                                            ("unload", 2)]
+        back = asyncio.create_task(use(adapters, "a"))  # a is leaving: no place yet
+        other = asyncio.create_task(use(adapters, "e"))  # every place is loading
+        await asyncio.sleep(0.05)
+        assert not back.done() and not other.done() and len(engine.calls) == 6
+        engine.gate.set()
+        assert sorted(await asyncio.gather(*loads)) == [3, 4]
+        assert sorted([await back, await other]) == [5, 6]
+        assert engine.most_in_flight == 2 and engine.held == {5, 6}
+        assert events.seen.count(("evicted", "a")) == 1
+
+    asyncio.run(run())
+
+
+def test_one_name_is_loaded_once_and_waits_for_its_unload(library):
+    """Two loads of one name at once: the second is refused (not left waiting); a load
+    of a name being unloaded waits for the unload, then gets a new id."""
+    async def run():
+        adapters, engine, _ = served(library, places=3)
+        engine.gate = asyncio.Event()
+        first = asyncio.create_task(adapters.load("x", library / "a"))
+        await until(lambda: engine.in_flight == 1)
+        with pytest.raises(AdapterError, match="'x' is loaded already"):
+            await adapters.load("x", library / "b")
+        engine.gate.set()
+        await first
+        async with adapters.serving("x", True):
+            unload = asyncio.create_task(adapters.unload("x"))
+            await asyncio.sleep(0.01)
+            again = asyncio.create_task(adapters.load("x", library / "b"))
+            await asyncio.sleep(0.05)
+            assert not again.done() and engine.calls == [("load", 1)]
+        await unload
+        await again
+        assert engine.calls == [("load", 1), ("unload", 1), ("load", 2)]
+        assert adapters.registry.get("x").adapter_id == 2
 
     asyncio.run(run())
 
