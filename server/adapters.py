@@ -498,6 +498,9 @@ class ServedAdapters:
         await self._install(name, weights, key, source, time.monotonic() - started, True)
 
     async def unload(self, name: str) -> None:
+        while (present := self.registry.named(name)) is not None \
+                and present.retired and not present.leaving:  # loading: wait for it
+            await self._places.wait(self._places.generation)
         adapter = self.registry.retire(name)
         while adapter.in_flight:  # woken as its last request ends
             await self._places.wait(self._places.generation)

@@ -214,8 +214,9 @@ def test_loads_that_wait_together_reach_the_engine_together(library):
 
 
 def test_one_name_is_loaded_once_and_waits_for_its_unload(library):
-    """Two loads of one name at once: the second is refused (not left waiting); a load
-    of a name being unloaded waits for the unload, then gets a new id."""
+    """Two loads of one name at once: the second is refused (not left waiting); an
+    unload during the load waits for it; a load of a name being unloaded waits for the
+    unload, then gets a new id."""
     async def run():
         adapters, engine, _ = served(library, places=3)
         engine.gate = asyncio.Event()
@@ -223,18 +224,25 @@ def test_one_name_is_loaded_once_and_waits_for_its_unload(library):
         await until(lambda: engine.in_flight == 1)
         with pytest.raises(AdapterError, match="'x' is loaded already"):
             await adapters.load("x", library / "b")
+        early = asyncio.create_task(adapters.unload("x"))
+        await asyncio.sleep(0.05)
+        assert not early.done()
         engine.gate.set()
         await first
+        await early
+        assert engine.calls == [("load", 1), ("unload", 1)]
+        engine.calls.clear()
+        await adapters.load("x", library / "a")
         async with adapters.serving("x", True):
             unload = asyncio.create_task(adapters.unload("x"))
             await asyncio.sleep(0.01)
             again = asyncio.create_task(adapters.load("x", library / "b"))
             await asyncio.sleep(0.05)
-            assert not again.done() and engine.calls == [("load", 1)]
+            assert not again.done() and engine.calls == [("load", 2)]
         await unload
         await again
-        assert engine.calls == [("load", 1), ("unload", 1), ("load", 2)]
-        assert adapters.registry.get("x").adapter_id == 2
+        assert engine.calls == [("load", 2), ("unload", 2), ("load", 3)]
+        assert adapters.registry.get("x").adapter_id == 3
 
     asyncio.run(run())
 
