@@ -68,7 +68,6 @@ class DirectoryEntry:
         return bool(manifest.get("talan")), bool(manifest.get("adapter"))
 
 
-
 @dataclass(frozen=True)
 class StartConfig:
     """What an entry says of itself without reading tensors (for sizing at start)."""

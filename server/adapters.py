@@ -34,6 +34,7 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,6 +58,15 @@ FIRST_ADAPTER_ID = 1  # 0 is a one-checkpoint server's adapter; vLLM's LoRA ids 
 REFUSALS_KEPT = 256  # refused folders remembered (by fingerprint), so as not to reread them
 
 
+class Stage(Enum):
+    """Where an adapter is on its way through the engine; only a served one is routed to."""
+
+    LOADING = "loading"  # holds a place; its engine call is under way
+    SERVED = "served"
+    UNLOADING = "unloading"  # still holds its place until its running requests end
+    EVICTED = "evicted"  # its place is the evicting load's already
+
+
 @dataclass
 class Adapter:
     name: str
@@ -65,10 +75,18 @@ class Adapter:
     cache_key: CacheKey | None = None
     pinned: bool = False
     in_flight: int = 0
-    retired: bool = False  # not routed to: loading, or leaving
-    leaving: bool = False  # on its way out of the engine: evicted or unloaded
-    evicted: bool = False  # its place is the evicting load's already
+    stage: Stage = Stage.LOADING
     last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def retired(self) -> bool:
+        """Not routed to: loading, or leaving."""
+        return self.stage is not Stage.SERVED
+
+    @property
+    def leaving(self) -> bool:
+        """On its way out of the engine: unloaded or evicted."""
+        return self.stage in (Stage.UNLOADING, Stage.EVICTED)
 
     @property
     def path(self) -> Path:
@@ -140,22 +158,23 @@ class AdapterRegistry:
             raise AdapterError(f"{self.capacity} adapters are loaded, the most this server "
                                "holds (--max-adapters); unload one first")
         if evicting is not None:
-            evicting.retired = evicting.leaving = evicting.evicted = True
-        adapter = Adapter(name, self._next_id, weights, cache_key, pinned, retired=True)
+            evicting.stage = Stage.EVICTED
+        adapter = Adapter(name, self._next_id, weights, cache_key, pinned)
         self._next_id += 1
         self._adapters[name] = adapter
         return adapter
 
     def holders(self) -> list[Adapter]:
         """The adapters holding a place (``places_taken`` of them)."""
-        return [adapter for adapter in self._adapters.values() if not adapter.evicted]
+        return [adapter for adapter in self._adapters.values()
+                if adapter.stage is not Stage.EVICTED]
 
     def named(self, name: str) -> Adapter | None:
         """The adapter of that name, served, loading or leaving."""
         return self._adapters.get(name)
 
     def publish(self, adapter: Adapter) -> None:
-        adapter.retired = False
+        adapter.stage = Stage.SERVED
 
     def drop(self, adapter: Adapter) -> None:
         self._adapters.pop(adapter.name, None)
@@ -165,7 +184,7 @@ class AdapterRegistry:
         adapter = self.get(name)
         if adapter is None:
             raise ModelNotFoundError(f"no adapter named {name!r} is loaded")
-        adapter.retired = adapter.leaving = True
+        adapter.stage = Stage.UNLOADING
         return adapter
 
 
@@ -499,7 +518,7 @@ class ServedAdapters:
 
     async def unload(self, name: str) -> None:
         while (present := self.registry.named(name)) is not None \
-                and present.retired and not present.leaving:  # loading: wait for it
+                and present.stage is Stage.LOADING:  # wait for the load
             await self._places.wait(self._places.generation)
         adapter = self.registry.retire(name)
         while adapter.in_flight:  # woken as its last request ends

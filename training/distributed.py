@@ -219,7 +219,6 @@ def fill_auto(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return filled
 
 
-
 def close_process_group() -> None:
     """End a launch's process group once every process is done with it.
 
