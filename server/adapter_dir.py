@@ -139,10 +139,10 @@ class AdapterDirectory:
                 name = child.name
                 if name in seen or name.startswith("."):
                     continue
-                # Only a symlink can lead out: a plain child of a directory lies in it.
-                if child.is_symlink() and not _inside(Path(child.path), root):
-                    continue
                 path = root / name
+                # Only a symlink can lead out: a plain child of a directory lies in it.
+                if child.is_symlink() and not _inside(path, root):
+                    continue
                 if child.is_dir() and (path / MANIFEST_NAME).is_file():
                     seen.add(name)
                     yield DirectoryEntry(name, path, root)

@@ -434,10 +434,9 @@ class ServedAdapters:
             if present is not None:
                 await self._places.wait(generation)
                 continue
-            victim = None
-            if self.registry.places_taken >= self.registry.capacity:
-                victim = self._victim()
-            if self.registry.places_taken < self.registry.capacity or victim:
+            full = self.registry.places_taken >= self.registry.capacity
+            victim = self._victim() if full else None
+            if not full or victim:
                 started = time.monotonic()
                 await self._put(name, weights, key, pinned, victim)
                 seconds += time.monotonic() - started

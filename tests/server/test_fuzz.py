@@ -17,10 +17,10 @@ pytestmark = pytest.mark.slow
 # bounds are what the fuzz tests, not its throughput, so long generations are cut short.
 # A body that gives no length gets one (each such example ran to the context: about 4 s).
 MAX_GENERATED = 8
-LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 LENGTH_FIELD_OF = {"/v1/completions": "max_tokens",
                    "/v1/chat/completions": "max_completion_tokens",
                    "/v1/responses": "max_output_tokens"}
+LENGTH_FIELDS = tuple(LENGTH_FIELD_OF.values())
 EXAMPLES = 40  # per operation and generation mode
 
 
