@@ -5,7 +5,8 @@ recently used idle adapter is evicted, never one with a request in flight or abo
 start, never a pinned one; a load with no place to take waits for a request to end; a
 burst for one adapter loads it once; the requests waiting for their adapter are bounded;
 an evicted adapter comes back from the host cache without its files being read, unless
-they changed; a refused folder is not read again until it changes, and takes no place.
+they changed; a refused folder is not read again until it changes, and takes no place; a
+server whose CUDA graphs hold the kinds of start refuses a later folder of another kind.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from server import adapters as adapters_module
 from server.adapter_cache import AdapterCache
 from server.adapter_dir import AdapterDirectory
 from server.adapter_errors import AdapterError, AdapterQueueFull, AdapterRefused
-from server.adapters import AdapterRegistry, OnDemand, ServedAdapters
+from server.adapters import AdapterRegistry, OnDemand, ServedAdapters, size_adapters
 from server.errors import adapter_queue_full
 from talan_serve.adapter_files import AdapterWeights, BaseWeights
 from talan_serve.adapter_spec import AdapterSetSpec
@@ -315,6 +316,45 @@ def test_a_refused_folder_takes_no_place_and_is_not_read_again(library, reads):
         for bad, reason in (("/".join(("..", "a")), "name"), ("e", None)):
             with pytest.raises(AdapterRefused if reason else LookupError):
                 await use(adapters, bad)
+
+    asyncio.run(run())
+
+
+def test_with_kinds_fixed_at_start_a_later_folder_of_a_new_kind_is_refused_by_name(
+        library, tmp_path):
+    """A server that captures its decode steps in CUDA graphs (stood in for by
+    ``kinds_fixed``: no CUDA here) builds at start the kinds of the folders there are then;
+    a folder of another kind that appears later is refused with a 400 that names it and
+    the kinds there are, takes no place and reaches no engine, while the others serve."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"hidden_size": 128,
+                                                  "num_hidden_layers": 4}))
+    save_checkpoint(library / "mix", "tiny", block=TalanBlock(
+        tiny_talan_config(network_type="per_token_mix")))
+    sizing = size_adapters(base, {}, 2, None, (), None, kinds_fixed=True,
+                           directory=AdapterDirectory([library]))
+    assert len(sizing.spec.kinds) == 2  # a to d, and mix
+    save_checkpoint(library / "late", "tiny", block=TalanBlock(
+        tiny_talan_config(network_type="cross_attn")))
+    engine, events = StandInEngine(2), Events()
+    adapters = ServedAdapters(sizing.registry, engine, "tiny",
+                              OnDemand(AdapterDirectory([library]), 2**20, 8))
+    adapters.events = events
+
+    async def run():
+        assert [await use(adapters, name) for name in ("a", "mix")] == [1, 2]
+        with pytest.raises(AdapterRefused) as refused:
+            await use(adapters, "late")
+        assert (refused.value.status, refused.value.reason) == (400, "unfit")
+        assert str(refused.value).startswith(
+            "adapter 'late': an adapter of kind cross_attn/attention/learned_gate at "
+            "layer_1 cannot join: this server captures its decode steps in CUDA graphs")
+        assert "multihead_local/attention/learned_gate at layer_1" in str(refused.value)
+        assert engine.calls == [("load", 1), ("load", 2)]
+        assert sorted(adapters.registry.names()) == ["a", "mix"]
+        assert await use(adapters, "b") == 3  # the others still load, evicting as usual
+        assert ("refused", "unfit") in events.seen
 
     asyncio.run(run())
 
