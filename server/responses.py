@@ -35,7 +35,7 @@ from server.responses_schemas import (
     ResponsesRequest,
 )
 from server.runner import Run
-from server.schemas import ChatCompletionRequest
+from server.schemas import ChatCompletionRequest, SamplingRequest
 from server.state import ServerState
 
 # Chat fields named in an error, as the Responses request names them.
@@ -43,11 +43,8 @@ _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens",
            "max_completion_tokens": "max_output_tokens", "response_format": "text",
            "reasoning_effort": "reasoning"}
 # Fields that mean the same in a chat request.
-_SAME = ("model", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-         "frequency_penalty", "repetition_penalty", "logit_bias", "seed", "stop",
-         "stop_token_ids", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
-         "parallel_tool_calls", "structured_outputs", "include_reasoning",
-         "chat_template_kwargs", "stream", "cache_salt", "request_id", "user", "talan")
+_SAME = (*SamplingRequest.model_fields, "parallel_tool_calls", "include_reasoning",
+         "chat_template_kwargs")
 
 
 def _id(prefix: str) -> str:

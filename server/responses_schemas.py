@@ -15,18 +15,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag
 
 from server.schemas import (
-    MAX_STOP,
-    Bias,
     FunctionDefinition,
-    Int64,
     JsonObject,
-    Penalty,
     ReasoningEffort,
-    StructuredOutputs,
-    TalanSwitch,
-    Temperature,
-    TokenId,
-    TopP,
+    SamplingRequest,
     _Request,
 )
 
@@ -134,40 +126,18 @@ class ReasoningConfig(_Request):
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class ResponsesRequest(_Request):
-    model: StrictStr | None = None
+class ResponsesRequest(SamplingRequest):
     input: StrictStr | Annotated[list[InputItem], Field(min_length=1, max_length=4096)]
     instructions: StrictStr | None = None
     max_output_tokens: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)] | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
-    logit_bias: Annotated[dict[str, Bias], Field(max_length=1024)] | None = None
-    seed: Int64 | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None = None
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
-    ignore_eos: StrictBool = False
-    skip_special_tokens: StrictBool = True
-    include_stop_str_in_output: StrictBool = False
     tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     text: TextConfig | None = None
-    structured_outputs: StructuredOutputs | None = None
     reasoning: ReasoningConfig | None = None
     include_reasoning: StrictBool = True
     chat_template_kwargs: JsonObject | None = None
-    stream: StrictBool = False
     metadata: Annotated[dict[str, StrictStr], Field(max_length=16)] | None = None
-    cache_salt: Annotated[StrictStr, Field(min_length=1)] | None = None
-    request_id: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
-    user: StrictStr | None = None
-    talan: TalanSwitch = None
-
 
 # Fields of OpenAI's Responses API or of vLLM's ResponsesRequest that this server does not
 # honour: set to anything but the values listed (or null), a 400 names them. No response is

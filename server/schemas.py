@@ -92,7 +92,10 @@ class StructuredOutputs(_Request):
     json_object: StrictBool | None = None
 
 
-class _SamplingFields(_Request):
+class SamplingRequest(_Request):
+    """What every generating endpoint takes (completions, chat, the Responses API): the
+    model, how to sample, where to stop, an output constraint, the TALAN switch."""
+
     model: StrictStr | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
@@ -102,31 +105,35 @@ class _SamplingFields(_Request):
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
     logit_bias: Annotated[dict[str, Bias], Field(max_length=1024)] | None = None
-    min_tokens: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
-    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
-    bad_words: Annotated[list[Annotated[StrictStr, Field(min_length=1)]],
-                         Field(max_length=MAX_STOP)] | None = None
     seed: Int64 | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
-    spaces_between_special_tokens: StrictBool = True
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
-    response_format: ResponseFormat | None = None
+    stream: StrictBool = False
     structured_outputs: StructuredOutputs | None = None
-    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)] | None = None
-    truncation_side: Literal["left", "right"] | None = None
     cache_salt: Annotated[StrictStr, Field(min_length=1)] | None = None
     request_id: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
     user: StrictStr | None = None
-    # Logprob tokens as "token_id:ID" (vLLM's field): exact ids where text is ambiguous.
-    return_tokens_as_token_ids: StrictBool = False
     talan: TalanSwitch = None
 
+
+class _SamplingFields(SamplingRequest):
+    """What completions and chat take beyond the Responses API."""
+
+    min_tokens: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    bad_words: Annotated[list[Annotated[StrictStr, Field(min_length=1)]],
+                         Field(max_length=MAX_STOP)] | None = None
+    spaces_between_special_tokens: StrictBool = True
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    # Logprob tokens as "token_id:ID" (vLLM's field): exact ids where text is ambiguous.
+    return_tokens_as_token_ids: StrictBool = False
 
 Prompt = (
     StrictStr
