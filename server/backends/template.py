@@ -59,6 +59,10 @@ class UsageError(ValueError):
     """Arguments that do not make a server (reported in one line, exit status 2)."""
 
 
+# Buffers up to this size come from the heap in a CPU server of many adapters.
+ADAPTER_MMAP_THRESHOLD = 256 << 20
+
+
 def has_gpu() -> bool:
     """Whether this process sees a GPU: the one place the server asks."""
     import torch
@@ -290,6 +294,14 @@ class EngineBackend:
         except ParserChoiceError as error:
             raise UsageError(str(error)) from error
         self.check_parsers_build(tokenizer)
+        if self.served_adapters is not None and not has_gpu():
+            # A load's megabytes cross the engine core and the worker in fresh buffers.
+            # The trim threshold set for a CPU engine (configure) also fixes glibc's mmap
+            # threshold at 128 KiB, so each buffer was a new mapping whose pages faulted
+            # in while the next decode step waited; raised, they come from the heap
+            # (docs/benchmarks.md, "An adapter library"). The engine's processes, started
+            # next, inherit it.
+            os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(ADAPTER_MMAP_THRESHOLD))
         facts = self.start_engine(launch)
         self.info = ModelInfo(
             name=config.served_name,

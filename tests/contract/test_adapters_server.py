@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 
 import openai
 import pytest
@@ -227,6 +227,26 @@ def adapter_metrics(server) -> dict[str, float]:
         found[reason] = server.metric("talan_serve_adapter_refused_total",
                                       f'reason="{reason}"')
     return found
+
+
+def test_the_processes_the_server_starts_take_adapter_buffers_from_the_heap(server):
+    """A CPU server raises glibc's mmap threshold before the engine starts, so that the
+    engine's processes take each load's buffers from the heap, not from a new mapping
+    each. Read in the processes' start-up environment: an engine that renames its
+    processes may write over that record, so the value must be there in one of them and
+    no other value in any."""
+    import psutil
+
+    from server.backends.template import ADAPTER_MMAP_THRESHOLD, has_gpu
+
+    if has_gpu():
+        pytest.skip("a CPU server's setting")
+    seen = set()
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        with suppress(psutil.NoSuchProcess):  # a helper that has ended
+            seen.add(child.environ().get("MALLOC_MMAP_THRESHOLD_"))
+    assert str(ADAPTER_MMAP_THRESHOLD) in seen
+    assert seen <= {str(ADAPTER_MMAP_THRESHOLD), None}
 
 
 def test_adapter_dir_models_list_every_entry_with_whether_it_is_loaded(server):
