@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,10 +229,18 @@ def serve(args: argparse.Namespace, served: ServedModel) -> int:
                 served.model_dir, served.checkpoint or (
                     f"adapters {', '.join(served.adapters)}" if served.adapters else "none"),
                 args.engine)
+    # Bound before the engine starts, as vLLM's own server does: the engine's processes
+    # take free ports of their own while they start, and a port not yet bound may be one.
+    try:
+        listener = bind_listener(args.host, args.port)
+    except OSError as error:
+        print(f"talan-serve: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
     try:
         backend = start_backend(args, served)
     except UsageError as error:  # found once the model's files are read (its parsers)
         print(f"talan-serve: {error}", file=sys.stderr)
+        listener.close()
         return 2
     # The engine runs in its own processes; what torch does here (checking an adapter
     # before it loads) is small, and a second intra-op thread spinning after each op
@@ -261,11 +270,25 @@ def serve(args: argparse.Namespace, served: ServedModel) -> int:
                             timeout_keep_alive=5)
     server = DrainingServer(config)
     server.admission = app.state.server.admission
-    server.run()
+    server.run(sockets=[listener])
     if app.state.server.engine_dead:
         print("talan-serve: the engine died; exiting with status 1", file=sys.stderr)
         return 1
     return 0
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's socket, bound to ``host:port`` (not yet listening: until the engine is
+    up, a connection is refused rather than left waiting)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _draining_server_class():

@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+PORT_ATTEMPTS = 3
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -102,14 +104,24 @@ def start_local_server(
 ) -> LocalServer:
     """``talan-serve --model MODEL ARGS...`` on a free loopback port, once it is healthy;
     ``env`` is added to ``engine_env(workdir)``."""
-    port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / f"server-{port}.log"
-    command = [sys.executable, "-m", "server.cli", "--model", str(model), "--port", str(port),
+    command = [sys.executable, "-m", "server.cli", "--model", str(model),
                *(["--api-key", api_key] if api_key else []), *args]
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, env={**engine_env(workdir), **(env or {})},
-                                   stdout=sink, stderr=subprocess.STDOUT)
-    server = LocalServer(process, f"http://127.0.0.1:{port}", log, api_key)
-    server.wait_healthy(timeout)
-    return server
+    attempts = PORT_ATTEMPTS
+    while True:
+        # Another process may take the free port before the server binds it (its first
+        # second of imports); the server then exits at once, and another port is tried.
+        port = free_port()
+        log = workdir / f"server-{port}.log"
+        with log.open("w") as sink:
+            process = subprocess.Popen([*command, "--port", str(port)],
+                                       env={**engine_env(workdir), **(env or {})},
+                                       stdout=sink, stderr=subprocess.STDOUT)
+        server = LocalServer(process, f"http://127.0.0.1:{port}", log, api_key)
+        try:
+            server.wait_healthy(timeout)
+            return server
+        except RuntimeError:
+            attempts -= 1
+            if attempts == 0 or "Address already in use" not in log.read_text():
+                raise

@@ -125,3 +125,25 @@ def test_adapters_resolve_to_a_base_and_named_checkpoints(tmp_path):
     # A directory alone makes a server of many: the default model's checkpoint pinned.
     plan = resolve(build_parser().parse_args(["--adapter-dir", str(tmp_path)]))
     assert plan.adapters == {"smollm2-talan-demo": str(demo)} and plan.checkpoint is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="starts talan-serve")
+def test_a_port_in_use_is_refused_before_the_engine_starts(model_dir, tmp_path):
+    """The server binds its port before it starts the engine (whose processes take free
+    ports of their own as they start): a taken port is a one-line exit 1, with no engine
+    started."""
+    import socket
+
+    from server.local import engine_env
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "server.cli", "--model", str(model_dir), "--port", str(port)],
+            capture_output=True, text=True, timeout=300, env=engine_env(tmp_path))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"talan-serve: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" \
+        in result.stderr.splitlines()
+    assert "EngineCore" not in result.stdout + result.stderr
