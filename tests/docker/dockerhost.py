@@ -204,6 +204,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+INDEX_PORT = 28471  # below the ephemeral range (32768-60999 here): no connection takes it
+
+
 class HostIndex:
     """Serves the host's local pip sources on 127.0.0.1 while a build runs.
 
@@ -231,7 +234,13 @@ class HostIndex:
                     self.roots.append(root)
         if self.roots:
             handler = type("Handler", (_Handler,), {"roots": tuple(self.roots)})
-            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            # One port from build to build where it is free: the URLs are build arguments,
+            # part of the cache key of every RUN after them (another port, no cached layer).
+            try:
+                self.server = http.server.ThreadingHTTPServer(("127.0.0.1", INDEX_PORT),
+                                                              handler)
+            except OSError:
+                self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
             threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
