@@ -27,13 +27,14 @@ def free_port() -> int:
 
 
 def engine_env(cache: Path) -> dict[str, str]:
-    """This environment, offline, with the engine's caches under ``cache``."""
+    """This environment, offline, with the engine's caches under ``cache`` (vLLM's where
+    the environment names none)."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        VLLM_CACHE_ROOT=str(cache / "vllm"),
+        VLLM_CACHE_ROOT=os.environ.get("VLLM_CACHE_ROOT", str(cache / "vllm")),
         TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
         TALAN_SERVE_CACHE=os.environ.get("TALAN_SERVE_CACHE", str(cache / "talan")),
         TOKENIZERS_PARALLELISM="false",

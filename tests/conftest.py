@@ -12,6 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_vllm_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One vLLM cache for every engine of the session, as a host has: what vLLM learns of
+    a model class is kept there (a cold cache costs each engine's start a process that
+    imports vLLM, about 10 s here)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """``tiny_model("qwen3")`` -> directory of a tiny random-weight host + tokenizer."""

@@ -32,10 +32,9 @@ PREEMPTION_BLOCKS = 16
 
 @pytest.fixture(scope="module", autouse=True)
 def _vllm_env(tmp_path_factory: pytest.TempPathFactory):
-    cache = tmp_path_factory.mktemp("vllm-cache")
+    cache = tmp_path_factory.mktemp("inductor")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VLLM_CACHE_ROOT", str(cache))
-        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
         yield
 
 

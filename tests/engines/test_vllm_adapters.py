@@ -43,14 +43,6 @@ class Request:
     talan: bool = True
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _vllm_env(tmp_path_factory: pytest.TempPathFactory):
-    cache = tmp_path_factory.mktemp("vllm-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VLLM_CACHE_ROOT", str(cache))
-        yield
-
-
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
     from talan_serve.adapter_spec import AdapterSetSpec

@@ -46,10 +46,9 @@ def tokenizer(model_dir):
 
 
 @pytest.fixture(scope="package")
-def reference(model_dir, tmp_path_factory: pytest.TempPathFactory):
+def reference(model_dir):
     """vLLM's own engine, in-process, with the server's deterministic engine settings."""
-    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-                      VLLM_CACHE_ROOT=str(tmp_path_factory.mktemp("vllm-ref")))
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     from vllm import LLM
 
     llm = LLM(model=str(model_dir), dtype="float32", max_model_len=MAX_LEN, enforce_eager=True,
