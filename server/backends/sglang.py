@@ -50,6 +50,8 @@ LORA_NAME = "talan"
 # Entries of SGLang's state pool (one per running request, plus radix-cache snapshots):
 # left to SGLang, the pool takes about half of the memory left after the weights.
 POOL_ENTRIES_PER_REQUEST = 4
+# Requests SGLang runs at once unless --max-num-seqs says otherwise.
+MAX_RUNNING_REQUESTS = {"gpu": 256, "cpu": 64}
 
 
 def engine_kwargs(config: BackendConfig, launch: EngineLaunch,
@@ -57,7 +59,7 @@ def engine_kwargs(config: BackendConfig, launch: EngineLaunch,
     """``sglang.Engine`` arguments for the engine-neutral settings and what to load
     (``reasoning_parser``: the one the server runs, which constrained decoding waits for)."""
     gpu = has_gpu()
-    max_running = config.max_num_seqs or (256 if gpu else 64)
+    max_running = config.max_num_seqs or MAX_RUNNING_REQUESTS["gpu" if gpu else "cpu"]
     kwargs: dict[str, Any] = dict(
         model_path=str(launch.model_path),
         served_model_name=config.served_name,

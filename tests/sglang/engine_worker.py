@@ -24,15 +24,18 @@ def main(job_path: str) -> None:
     job = json.loads(open(job_path).read())
     import sglang
 
+    from server.backends.sglang import MAX_RUNNING_REQUESTS, POOL_ENTRIES_PER_REQUEST
     from talan_serve.plugins.sglang.rows import hooks_applied
     from talan_serve.switch import switch_args
 
     started = time.time()
-    # The state pool as talan-serve sizes it on a CPU (64 requests, 4 entries each): left
-    # to SGLang, it fills the free memory (8 GB here, 10 s of each engine's start).
+    # The state pool as talan-serve sizes it on a CPU: left to SGLang, it fills the free
+    # memory (8 GB here, 10 s of each engine's start).
+    running = MAX_RUNNING_REQUESTS["cpu"]
     kwargs = dict(model_path=job["model"], device="cpu", attention_backend="torch_native",
                   dtype="float32", max_total_tokens=4096, log_level="warning", random_seed=0,
-                  max_running_requests=64, max_mamba_cache_size=256)
+                  max_running_requests=running,
+                  max_mamba_cache_size=running * POOL_ENTRIES_PER_REQUEST)
     kwargs.update(job.get("engine", {}))
     engine = sglang.Engine(**kwargs)
     results = {"startup_s": round(time.time() - started, 1), "phases": [],
