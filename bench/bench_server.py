@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from server.local import free_port
+from server.local import LocalServer, start_on_free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "bench"
@@ -43,36 +42,12 @@ def server_command(kind: str, args: argparse.Namespace, port: int) -> list[str]:
             "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning", *common]
 
 
-def start(kind: str, args: argparse.Namespace, log_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = (log_dir / f"{kind}-{port}.log").open("w")
+def start(kind: str, args: argparse.Namespace, log_dir: Path) -> LocalServer:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("HF_HUB_OFFLINE", "1")
-    process = subprocess.Popen(server_command(kind, args, port), cwd=REPO, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{kind} exited; see {log.name}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise RuntimeError(f"{kind} did not start in {args.start_timeout}s; see {log.name}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    return start_on_free_port(lambda port: server_command(kind, args, port), log_dir, env,
+                              timeout=args.start_timeout, log_name=kind)
 
 
 async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> int:
@@ -112,12 +87,12 @@ async def load(url: str, args: argparse.Namespace, seconds: float) -> tuple[int,
 
 
 def measure(kind: str, args: argparse.Namespace, log_dir: Path) -> dict:
-    process, url = start(kind, args, log_dir)
+    server = start(kind, args, log_dir)
     try:
-        asyncio.run(load(url, args, args.warmup))
-        tokens, elapsed, requests = asyncio.run(load(url, args, args.duration))
+        asyncio.run(load(server.base_url, args, args.warmup))
+        tokens, elapsed, requests = asyncio.run(load(server.base_url, args, args.duration))
     finally:
-        stop(process)
+        server.stop()
     return {"server": kind, "tokens": tokens, "seconds": elapsed, "requests": requests,
             "tokens_per_s": tokens / elapsed}
 

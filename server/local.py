@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,19 +106,36 @@ def start_local_server(
 ) -> LocalServer:
     """``talan-serve --model MODEL ARGS...`` on a free loopback port, once it is healthy;
     ``env`` is added to ``engine_env(workdir)``."""
-    workdir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "server.cli", "--model", str(model),
                *(["--api-key", api_key] if api_key else []), *args]
+    return start_on_free_port(lambda port: [*command, "--port", str(port)], workdir,
+                              {**engine_env(workdir), **(env or {})}, timeout=timeout,
+                              api_key=api_key)
+
+
+def start_on_free_port(
+    command: Callable[[int], list[str]],
+    workdir: Path,
+    env: dict[str, str],
+    *,
+    timeout: float,
+    api_key: str | None = None,
+    log_name: str = "server",
+    new_session: bool = False,
+) -> LocalServer:
+    """``command(port)``, an HTTP server, on a free loopback port, once its ``/health``
+    answers 200; its log is ``workdir/{log_name}-{port}.log``. ``new_session``: in its
+    own process group (``os.killpg`` then reaches the processes it starts)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     attempts = PORT_ATTEMPTS
     while True:
         # Another process may take the free port before the server binds it (its first
-        # second of imports); the server then exits at once, and another port is tried.
+        # seconds of imports); the server then exits at once, and another port is tried.
         port = free_port()
-        log = workdir / f"server-{port}.log"
+        log = workdir / f"{log_name}-{port}.log"
         with log.open("w") as sink:
-            process = subprocess.Popen([*command, "--port", str(port)],
-                                       env={**engine_env(workdir), **(env or {})},
-                                       stdout=sink, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command(port), env=env, stdout=sink,
+                                       stderr=subprocess.STDOUT, start_new_session=new_session)
         server = LocalServer(process, f"http://127.0.0.1:{port}", log, api_key)
         try:
             server.wait_healthy(timeout)

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from server.backends.vllm import cpu_thread_binding
-from server.local import LocalServer, engine_env, free_port
+from server.local import LocalServer, engine_env, start_on_free_port
 from server.parsing import merge_tool_deltas
 from talan_serve.testing import THINKING_HOST
 from tests.server.support import MAX_LEN, SERVED_NAME, start_server
@@ -114,11 +114,8 @@ def answers(base_url: str, requests: dict[str, dict], headers: dict | None = Non
 def start_vllm(model: Path, workdir: Path, tool_parser: str = "qwen3_coder",
                reasoning_parser: str | None = "qwen3") -> LocalServer:
     """vLLM's own OpenAI server with the engine settings of talan-serve --deterministic."""
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / "vllm.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--port", str(port), "--served-model-name", SERVED_NAME, "--dtype", "float32",
+               "--served-model-name", SERVED_NAME, "--dtype", "float32",
                "--max-model-len", str(MAX_LEN), "--enforce-eager", "--seed", "0",
                "--max-num-seqs", "1", "--no-enable-prefix-caching",
                "--structured-outputs-config.backend", "xgrammar",
@@ -130,17 +127,10 @@ def start_vllm(model: Path, workdir: Path, tool_parser: str = "qwen3_coder",
     binding = cpu_thread_binding(sorted(os.sched_getaffinity(0)), 1)
     if binding is not None:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)
-    with log.open("w") as sink:
-        # Its own process group: stopping it stops its engine process too.
-        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    server = LocalServer(process, f"http://127.0.0.1:{port}", log)
-    try:
-        server.wait_healthy(600)  # a busy machine slows its start
-    except RuntimeError:
-        stop_group(server)
-        raise
-    return server
+    # Its own process group: stopping it stops its engine process too. A busy machine
+    # slows its start.
+    return start_on_free_port(lambda port: [*command, "--port", str(port)], workdir, env,
+                              timeout=600, log_name="vllm", new_session=True)
 
 
 def stop_group(server: LocalServer) -> None:
