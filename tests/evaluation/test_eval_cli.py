@@ -9,6 +9,7 @@ fp32 parity); the comparison's counts agree with the item files; the plot is a P
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -30,11 +31,18 @@ def servers(tiny_model, tmp_path_factory):
     # The twin: the TALAN checkpoint's own LoRA, without TALAN.
     reference = load_reference(host, talan=checkpoint)[0]
     twin = save_checkpoint(work / "twin", str(host), peft_model=reference)
-    talan_server = start_server(host, work / "s1", "--talan", str(checkpoint), "--deterministic")
-    twin_server = start_server(host, work / "s2", "--talan", str(twin), "--deterministic")
-    yield work, host, talan_server, twin_server
-    talan_server.stop()
-    twin_server.stop()
+    # Both at once: a start is mostly one process importing at a time.
+    with ThreadPoolExecutor(2) as pool:
+        starts = [pool.submit(start_server, host, work / f"s{index}", "--talan", str(folder),
+                              "--deterministic")
+                  for index, folder in enumerate((checkpoint, twin))]
+    started = [start.result() for start in starts if start.exception() is None]
+    try:
+        talan_server, twin_server = (start.result() for start in starts)
+        yield work, host, talan_server, twin_server
+    finally:
+        for server in started:
+            server.stop()
 
 
 def read_items(folder, task):

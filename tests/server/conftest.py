@@ -7,7 +7,6 @@ every module of this package that does not start a server of its own.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -48,10 +47,13 @@ def tokenizer(model_dir):
 @pytest.fixture(scope="package")
 def reference(model_dir):
     """vLLM's own engine, in-process, with the server's deterministic engine settings."""
-    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     from vllm import LLM
 
-    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=MAX_LEN, enforce_eager=True,
-              max_num_seqs=1, enable_prefix_caching=False, seed=0)
-    yield llm
-    del llm
+    # Until the package's end: servers started meanwhile inherit these too.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        llm = LLM(model=str(model_dir), dtype="float32", max_model_len=MAX_LEN,
+                  enforce_eager=True, max_num_seqs=1, enable_prefix_caching=False, seed=0)
+        yield llm
+        del llm
