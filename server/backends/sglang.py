@@ -362,27 +362,40 @@ class SglangBackend(EngineBackend):
 
     async def load(self, name: str, adapter_id: int, weights: AdapterWeights,
                    evicting: EngineAdapter | None = None) -> Any:
-        # SGLang's LoRAs are its tokenizer manager's, TALAN blocks the schedulers': one
-        # call each, in turn.
-        if evicting is not None:
-            await self.unload(evicting)
-        if weights.has_talan:
-            await self._rpc("talan_add_adapter", adapter=adapter_id,
-                            config=weights.config.to_dict(), weights=weights.talan_file)
-        if not weights.has_lora:
-            return None
-        try:
-            return await self._load_lora(name, weights)
-        except BaseException:
-            if weights.has_talan:
+        # SGLang's LoRAs are its tokenizer manager's, TALAN blocks the schedulers': the two
+        # parts go at once, so that the scheduler serves them in the same gap between two
+        # steps (it reads both its sockets there); the TALAN part, an eviction's removal
+        # with it, is one call.
+        remove = evicting.adapter_id if evicting is not None and evicting.has_talan else None
+        add = ([adapter_id, weights.config.to_dict(), weights.talan_file]
+               if weights.has_talan else None)
+
+        async def talan() -> None:
+            if remove is not None or add is not None:
+                await self._rpc("talan_change_adapters", remove=remove, add=add)
+
+        async def lora() -> str | None:
+            if evicting is not None and evicting.lora is not None:
+                await self._unload_lora(evicting.lora)
+            return await self._load_lora(name, weights) if weights.has_lora else None
+
+        talan_done, handle = await asyncio.gather(talan(), lora(), return_exceptions=True)
+        if isinstance(talan_done, BaseException) or isinstance(handle, BaseException):
+            # Nothing of the new adapter stays: take back the part that went in.
+            if not isinstance(talan_done, BaseException) and add is not None:
                 await self._rpc("talan_unload_adapter", adapter=adapter_id)
-            raise
+            if not isinstance(handle, BaseException) and handle is not None:
+                await self._unload_lora(handle)
+            raise talan_done if isinstance(talan_done, BaseException) else handle
+        return handle
 
     async def unload(self, adapter: EngineAdapter) -> None:
+        parts = []
         if adapter.has_talan:
-            await self._rpc("talan_unload_adapter", adapter=adapter.adapter_id)
+            parts.append(self._rpc("talan_unload_adapter", adapter=adapter.adapter_id))
         if adapter.lora is not None:
-            await self._unload_lora(adapter.lora)
+            parts.append(self._unload_lora(adapter.lora))
+        await asyncio.gather(*parts)
 
     async def _load_lora(self, name: str, weights: AdapterWeights) -> str:
         from sglang.srt.managers.io_struct import LoadLoRAAdapterFromTensorsReqInput

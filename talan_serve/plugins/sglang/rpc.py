@@ -14,7 +14,8 @@ from typing import Any
 
 from talan_serve.plugins.sglang import _compat
 
-METHODS = ("talan_load_adapter", "talan_add_adapter", "talan_unload_adapter")
+METHODS = ("talan_load_adapter", "talan_add_adapter", "talan_unload_adapter",
+           "talan_change_adapters")
 
 
 class TalanSchedulerRpc:
@@ -54,6 +55,15 @@ class TalanSchedulerRpc:
         layer = self._talan_layer()
         if layer is not None:
             layer.side_path.unload(adapter)
+
+    def talan_change_adapters(self, remove: int | None, add: list | None) -> None:
+        """Remove one TALAN block and add one, in one call (one wait for the scheduler's
+        gap between steps); ``add``: ``[adapter, config, weights]`` as for
+        ``talan_add_adapter``."""
+        if remove is not None:
+            self.talan_unload_adapter(remove)
+        if add is not None:
+            self.talan_add_adapter(*add)
 
 
 def _around_rpc(original, scheduler, recv_req, *args, **kwargs):
