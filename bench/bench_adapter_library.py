@@ -1,8 +1,9 @@
 """A library of TALAN+LoRA adapters served on demand: 100 on disk, 8 places, Zipf traffic.
 
-One ``talan-serve`` (vLLM) on SmolLM2-135M with ``--adapter-dir`` holding ``--adapters``
-copies of the demo checkpoint, each with other random weights of the same shapes
-(``talan_serve.testing.reweight_checkpoint``), and ``--max-adapters 8``. It measures,
+One ``talan-serve`` (vLLM; SGLang with ``--engine sglang``) on SmolLM2-135M with
+``--adapter-dir`` holding ``--adapters`` copies of the demo checkpoint, each with other
+random weights of the same shapes (``talan_serve.testing.reweight_checkpoint``), and
+``--max-adapters 8``. It measures,
 through the HTTP server:
 
 * throughput: ``--requests`` completions from ``--clients`` concurrent clients, each
@@ -28,6 +29,8 @@ The adapters live in a temporary folder (about 4 MB each) that is deleted at the
 of the server (by default it decodes on every core of a small machine).
 
     python bench/bench_adapter_library.py --out bench/results/adapter_library_cpu_smollm2
+    .venv-sglang/bin/python bench/bench_adapter_library.py --engine sglang \
+        --out bench/results/adapter_library_cpu_smollm2_sglang
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "checkpoints" / "smollm2-talan-demo"
 NAME = "base"
 PROBE_DIR = "probes"  # adapters loaded during the decode-step probe, outside the library
+# vLLM's engine core and workers, SGLang's scheduler and detokenizer (process names).
+PROCESS_ROLES = (("EngineCor", "engine core"), ("Worker", "workers"),
+                 ("schedul", "scheduler"), ("detoken", "detokenizer"))
 LOAD_LINE = re.compile(r"adapter (\S+) loaded from (disk|cache) in ([0-9.]+) s")
 
 logger = logging.getLogger("bench_adapter_library")
@@ -77,6 +83,9 @@ class Run:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M)")
+    p.add_argument("--engine", choices=("vllm", "sglang"), default="vllm",
+                   help="sglang: run in SGLang's environment (on CPU with the test suite's "
+                        "stand-in for its kernel library, as bench_sglang.py)")
     p.add_argument("--checkpoint", default=str(DEMO), help="the checkpoint copied")
     p.add_argument("--adapters", type=int, default=100, help="adapters in the library")
     p.add_argument("--max-adapters", type=int, default=8)
@@ -103,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--out", default="bench/results/adapter_library_cpu_smollm2")
     args = p.parse_args(argv)
+    if args.engine == "sglang" and args.worker_cpus is not None:
+        p.error("--worker-cpus binds vLLM's workers")
     if args.model is None:
         from talan_serve.base_models import default_model_dir
 
@@ -141,8 +152,14 @@ def start_server(args: argparse.Namespace, work: Path, library: Path, probes: Pa
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     if args.worker_cpus is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = args.worker_cpus
+    if args.engine == "sglang":
+        from bench_sglang import engine_env
+
+        env.update(engine_env())
+        if "PYTHONPATH" in env:  # the CPU stand-in: its LoRAs without pinned memory
+            env["TALAN_TEST_NO_PIN"] = "1"
     return start_local_server(
-        args.model, work, "--engine", "vllm", "--served-model-name", NAME,
+        args.model, work, "--engine", args.engine, "--served-model-name", NAME,
         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--log-level", "info",
         "--adapter-dir", str(library), "--max-adapters", str(args.max_adapters),
         "--max-lora-rank", "8", "--allowed-adapter-dirs", str(probes),
@@ -331,14 +348,14 @@ def process_tree(pid: int) -> list[int]:
 
 def cpu_ms(pids: list[int]) -> dict[str, float]:
     """User + system CPU milliseconds so far, by role: the server's front end (its first
-    process), vLLM's engine core and workers (by their process names)."""
+    process), the engine's processes (by their names: ``PROCESS_ROLES``)."""
     roles: dict[str, float] = {}
     tick = 1000 / os.sysconf("SC_CLK_TCK")
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         name = Path(f"/proc/{pid}/comm").read_text().strip()
-        role = ("front end" if pid == pids[0] else "engine core" if "EngineCor" in name
-                else "workers" if "Worker" in name else "other")
+        role = "front end" if pid == pids[0] else next(
+            (role for part, role in PROCESS_ROLES if part in name), "other")
         roles[role] = roles.get(role, 0.0) + (int(fields[11]) + int(fields[12])) * tick
     return roles
 
@@ -484,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                               sys.argv[1:])]),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                        f"{platform.python_version()}",
-            "engine": "vllm (CPU), fp32, eager",
+            "engine": f"{args.engine} (CPU), fp32, eager",
             "worker_cpus": args.worker_cpus or "the server's choice (every core)",
             "base_model": args.model, "checkpoint": args.checkpoint,
             "adapters": args.adapters, "max_adapters": args.max_adapters,
@@ -517,7 +534,9 @@ def write_results(out: Path, record: dict) -> None:
             return "- (none)"
         return f"{entry['p50_ms']:.1f} / {entry['p95_ms']:.1f} ms ({entry['count']} loads)"
 
-    lines = ["# Adapter library on the vLLM CPU engine", ""]
+    engine = meta["engine"].split()[0]
+    lines = [f"# Adapter library on the {'SGLang' if engine == 'sglang' else 'vLLM'} CPU "
+             "engine", ""]
     lines += [f"- {key}: {value}" for key, value in meta.items()]
     lines += [
         "", "| measure | result | goal |", "|---|---|---|",
@@ -557,7 +576,7 @@ def write_results(out: Path, record: dict) -> None:
         "per load: the loading runs' extra stream time (mean gaps) over their loads; "
         "interleaved: one run of the streams while the loader alternates windows of loads "
         "and of none, each gap counted for the window that holds it whole. CPU: "
-        "user + system time of each process per load and unload (the workers' includes "
+        "user + system time of each process per load and unload (vLLM's workers' includes "
         "vLLM's polling of its message queue after each call).",
     ]
     out.parent.joinpath(f"{out.name}.md").write_text("\n".join(lines) + "\n")
