@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 from torch import Tensor
@@ -44,6 +45,10 @@ from talan_serve.checkpoint import (
 )
 from talan_serve.config import TalanConfig
 
+# safetensors' names of the dtypes a weights file may hold.
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 # PEFT's key for one LoRA matrix of a module: base_model.model.<module>.lora_A.weight
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.weight$")
 _HEADER_LIMIT = 100 * 2**20  # a safetensors header larger than this is not a model's
@@ -220,5 +225,21 @@ def read_adapter(path: str | Path, base: BaseWeights,
 
 def tensors_from_bytes(data: bytes) -> dict[str, Tensor]:
     """A weights file's safetensors bytes, decoded (no pickle): how validated weights
-    arrive in an engine's processes."""
-    return load(bytes(data))
+    arrive in an engine's processes. A file of one dtype comes back as views of one
+    buffer (one copy of the data), so that passed on to another process (SGLang's LoRA)
+    its tensors travel as one block of shared memory rather than one each."""
+    (size,) = struct.unpack_from("<Q", data)
+    header = json.loads(bytes(data[8:8 + size]))
+    header.pop("__metadata__", None)
+    dtypes = {info["dtype"] for info in header.values()}
+    dtype = _TORCH_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None
+    body = memoryview(data)[8 + size:]
+    if dtype is None or not body.nbytes or body.nbytes % dtype.itemsize:
+        return load(bytes(data))
+    flat = torch.frombuffer(bytearray(body), dtype=dtype)
+    # The data section holds the tensors back to back, in the order of their offsets.
+    ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+    parts = flat.split([(end - start) // dtype.itemsize
+                        for start, end in (info["data_offsets"] for _, info in ordered)])
+    return {name: part.view(info["shape"])
+            for (name, info), part in zip(ordered, parts, strict=True)}

@@ -72,6 +72,27 @@ def test_a_good_checkpoint_comes_back_with_its_tensors(checkpoint, base):
     assert all(torch.equal(sent[k], talan[k]) for k in talan)
 
 
+@pytest.mark.parametrize("tensors", [
+    {"a": torch.randn(3, 4), "b": torch.tensor(2.0), "empty": torch.zeros(0, 4),
+     "c": torch.randn(5)},
+    {"a": torch.randn(3, 4), "half": torch.randn(3).to(torch.bfloat16)},
+    {"empty": torch.zeros(0)},
+], ids=["one-dtype", "two-dtypes", "no-data"])
+def test_bytes_decode_to_the_tensors_written(tensors):
+    """Tensors of one dtype come back as views of one buffer (SGLang's serializer sends
+    one block of shared memory for them, not one per tensor); other files as safetensors
+    decodes them."""
+    from safetensors.torch import save
+
+    got = tensors_from_bytes(save(tensors))
+    assert got.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape
+        assert torch.equal(got[name], tensor) and got[name].is_contiguous()
+    buffers = {t.untyped_storage().data_ptr() for t in got.values()}
+    assert len(buffers) == (1 if len({t.dtype for t in tensors.values()}) == 1 else 2)
+
+
 def test_another_adapter_of_the_kind_differs_in_every_tensor(checkpoint, base, tmp_path):
     other = read_adapter(reweight_checkpoint(checkpoint, tmp_path / "b", seed=1), base)
     first = read_adapter(checkpoint, base)
