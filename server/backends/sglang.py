@@ -216,8 +216,14 @@ class SglangBackend(EngineBackend):
             os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         import sglang
 
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
         self._engine = sglang.Engine(**engine_kwargs(self.config, launch,
                                                      self.reasoning_parser))
+        # SGLang's engine configures this process's root logger for itself (its format,
+        # its level: warning): the server's --log-level and format are put back.
+        root.handlers[:] = handlers
+        root.setLevel(level)
         self._manager = self._engine.tokenizer_manager
         self._dead: str | None = None
         # The engine's RPC socket takes one call at a time (a send, then its answer);

@@ -12,6 +12,7 @@ one adapter loads it once, and each hostile entry is refused with its reason.
 
 from __future__ import annotations
 
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack, suppress
@@ -69,7 +70,7 @@ def server(engine, setup, workdir):
         f"beta={paths['beta']}", "--adapter-dir", str(workdir / "library"),
         "--max-adapters", str(PINNED + LIBRARY_PLACES), "--allowed-adapter-dirs",
         str(paths["gamma"].parent), str(workdir / "library"), "--max-lora-rank", "8",
-        "--max-talan-slots", "4", "--adapter-queue-size", str(QUEUE))
+        "--max-talan-slots", "4", "--adapter-queue-size", str(QUEUE), "--log-level", "info")
     yield proc
     proc.stop()
 
@@ -277,6 +278,12 @@ def test_adapter_dir_cycling_through_more_adapters_than_places(server, reference
         assert adapter_metrics(server)["loaded"] == PINNED + LIBRARY_PLACES
     assert len(loaded_names(server) & set(LIBRARY)) == LIBRARY_PLACES
     assert {"alpha", "beta"} <= loaded_names(server)
+    # The server's own log, at its --log-level (SGLang's engine sets the process's root
+    # logger for itself): each load with its source and time.
+    logged = re.findall(r"adapter (\S+) loaded from (disk|cache) in [0-9.]+ s",
+                        server.log.read_text())
+    for source in ("disk", "cache"):
+        assert {name for name, where in logged if where == source} >= set(LIBRARY), source
     for name, logprobs in before.items():
         assert completion(client, name).logprobs.token_logprobs == logprobs
 
