@@ -155,9 +155,9 @@ def start_server(args: argparse.Namespace, work: Path, library: Path, probes: Pa
     if args.engine == "sglang":
         from bench_sglang import engine_env
 
-        env.update(engine_env())
-        if "PYTHONPATH" in env:  # the CPU stand-in: its LoRAs without pinned memory
-            env["TALAN_TEST_NO_PIN"] = "1"
+        stand_in = engine_env()  # empty on a GPU
+        if stand_in:  # the CPU stand-in for SGLang's kernels: LoRAs without pinned memory
+            env.update(stand_in, TALAN_TEST_NO_PIN="1")
     return start_local_server(
         args.model, work, "--engine", args.engine, "--served-model-name", NAME,
         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--log-level", "info",

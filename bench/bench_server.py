@@ -26,7 +26,6 @@ import httpx
 
 from server.local import LocalServer, start_on_free_port
 
-REPO = Path(__file__).resolve().parents[1]
 NAME = "bench"
 
 
