@@ -276,7 +276,7 @@ class AdapterEngine(Protocol):
     on costs up to a step: an eviction and the load it makes room for come as one
     ``load``, for the engine to do in as few calls as it can, and calls for different
     adapters come concurrently, for the engine to serve in the same gap (a backend whose
-    engine takes one call at a time queues them itself)."""
+    engine takes one call at a time sends those that wait together in its next call)."""
 
     async def load(self, name: str, adapter_id: int, weights: AdapterWeights,
                    evicting: EngineAdapter | None = None) -> Any:

@@ -31,6 +31,7 @@ from server.backends.base import (
     SequenceDelta,
     TokenLogprob,
 )
+from server.backends.sglang_loras import ResidentLoras
 from server.backends.sglang_parsers import SglangParsers
 from server.backends.template import (
     BackendConfig,
@@ -42,6 +43,7 @@ from server.backends.template import (
     has_gpu,
 )
 from talan_serve.adapter_files import AdapterWeights
+from talan_serve.plugins.sglang.rpc import failed_changes
 from talan_serve.switch import switch_args
 
 logger = logging.getLogger(__name__)
@@ -180,6 +182,11 @@ def _logprobs(meta: dict, kind: str) -> list[PositionLogprobs | None] | None:
     return [_position(entries, entry) for entry, entries in zip(chosen, top, strict=True)]
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class SglangBackend(EngineBackend):
     """``Backend`` over SGLang's ``Engine`` (scheduler and detokenizer in child processes)."""
 
@@ -226,9 +233,10 @@ class SglangBackend(EngineBackend):
         root.setLevel(level)
         self._manager = self._engine.tokenizer_manager
         self._dead: str | None = None
-        # The engine's RPC socket takes one call at a time (a send, then its answer);
-        # ServedAdapters may have several loads in flight.
-        self._rpc_turn = asyncio.Lock()
+        self._changes: list[tuple[list, asyncio.Future]] = []  # for the next call
+        self._sender: asyncio.Task | None = None
+        self._resident = ResidentLoras()
+        self._sweeps: set[asyncio.Task] = set()
         model_config = self._manager.model_config
         return EngineFacts(max_model_len=model_config.context_len,
                            vocab_size=model_config.vocab_size,
@@ -355,55 +363,108 @@ class SglangBackend(EngineBackend):
     # (talan_serve.plugins.sglang.rpc), LoRAs through SGLang's dynamic LoRA loading -------
 
     async def _rpc(self, method: str, **kwargs: Any) -> None:
-        # Shielded: a cancelled caller's round trip still ends before the next one starts.
-        await asyncio.shield(self._rpc_in_turn(method, kwargs))
-
-    async def _rpc_in_turn(self, method: str, kwargs: dict[str, Any]) -> None:
         try:
             # A blocking round trip to every scheduler (SGLang's engine API).
-            async with self._rpc_turn:
-                await asyncio.to_thread(self._engine.collective_rpc, method, **kwargs)
+            await asyncio.to_thread(self._engine.collective_rpc, method, **kwargs)
         except AssertionError as error:  # SGLang reports a failed call this way
             raise AdapterError(str(error) or f"{method} failed in the engine") from error
+
+    async def _talan(self, remove: int | None, add: list | None = None) -> None:
+        """One change to the TALAN blocks (``talan_apply_changes``), in the schedulers'
+        next call: the engine's RPC socket takes one call at a time (a send, then its
+        answer), so the changes asked for while a call is under way go together in the
+        next one, and loads waiting together wait for one gap between steps, not one
+        each. A cancelled caller's change still goes."""
+        done = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_retrieved)  # its caller may have gone
+        self._changes.append(([remove, add], done))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_changes())
+        await asyncio.shield(done)
+
+    async def _send_changes(self) -> None:
+        while self._changes:
+            batch, self._changes = self._changes, []
+            try:
+                await self._rpc("talan_apply_changes",
+                                changes=[change for change, _ in batch])
+            except asyncio.CancelledError:
+                for _, done in batch:
+                    done.cancel()
+                raise
+            except Exception as error:  # each change's own failure, or the whole call's
+                failed = failed_changes(str(error)) if isinstance(error, AdapterError) \
+                    else None
+                for index, (_, done) in enumerate(batch):
+                    if failed is None:
+                        done.set_exception(error)
+                    elif index in failed:
+                        done.set_exception(AdapterError(failed[index]))
+                    else:
+                        done.set_result(None)
+            else:
+                for _, done in batch:
+                    done.set_result(None)
 
     async def load(self, name: str, adapter_id: int, weights: AdapterWeights,
                    evicting: EngineAdapter | None = None) -> Any:
         # SGLang's LoRAs are its tokenizer manager's, TALAN blocks the schedulers': the two
         # parts go at once, so that the scheduler serves them in the same gap between two
         # steps (it reads both its sockets there); the TALAN part, an eviction's removal
-        # with it, is one call.
+        # with it, is one change (``_talan``). The evicted adapter's LoRA stays loaded
+        # while its weights live (server/backends/sglang_loras.py); one loaded from these
+        # weights is reused.
         remove = evicting.adapter_id if evicting is not None and evicting.has_talan else None
         add = ([adapter_id, weights.config.to_dict(), weights.talan_file]
                if weights.has_talan else None)
+        resident = self._resident.find(weights) if weights.has_lora else None
 
         async def talan() -> None:
             if remove is not None or add is not None:
-                await self._rpc("talan_change_adapters", remove=remove, add=add)
+                await self._talan(remove, add)
 
         async def lora() -> str | None:
-            if evicting is not None and evicting.lora is not None:
-                await self._unload_lora(evicting.lora)
-            return await self._load_lora(name, weights) if weights.has_lora else None
+            if resident is not None or not weights.has_lora:
+                return resident
+            handle = await self._load_lora(name, self._resident.new_handle(name), weights)
+            self._resident.add(handle, weights)
+            return handle
 
         talan_done, handle = await asyncio.gather(talan(), lora(), return_exceptions=True)
         if isinstance(talan_done, BaseException) or isinstance(handle, BaseException):
-            # Nothing of the new adapter stays: take back the part that went in.
+            # Nothing of the new adapter stays: take back the part that went in (a reused
+            # LoRA stays, as it was).
             if not isinstance(talan_done, BaseException) and add is not None:
-                await self._rpc("talan_unload_adapter", adapter=adapter_id)
-            if not isinstance(handle, BaseException) and handle is not None:
+                await self._talan(adapter_id)
+            if not isinstance(handle, BaseException) and handle not in (None, resident):
+                self._resident.discard(handle)
                 await self._unload_lora(handle)
             raise talan_done if isinstance(talan_done, BaseException) else handle
+        self._unload_orphans()
         return handle
+
+    def _unload_orphans(self) -> None:
+        """Unload, after this load, the LoRAs whose weights are gone (no load waits)."""
+        for handle in self._resident.orphans():
+            task = asyncio.create_task(self._unload_lora(handle))
+            self._sweeps.add(task)
+            task.add_done_callback(self._swept)
+
+    def _swept(self, task: asyncio.Task) -> None:
+        self._sweeps.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("%s", task.exception())
 
     async def unload(self, adapter: EngineAdapter) -> None:
         parts = []
         if adapter.has_talan:
-            parts.append(self._rpc("talan_unload_adapter", adapter=adapter.adapter_id))
+            parts.append(self._talan(adapter.adapter_id))
         if adapter.lora is not None:
+            self._resident.discard(adapter.lora)
             parts.append(self._unload_lora(adapter.lora))
         await asyncio.gather(*parts)
 
-    async def _load_lora(self, name: str, weights: AdapterWeights) -> str:
+    async def _load_lora(self, name: str, handle: str, weights: AdapterWeights) -> str:
         from sglang.srt.managers.io_struct import LoadLoRAAdapterFromTensorsReqInput
         from sglang.srt.utils import MultiprocessingSerializer
 
@@ -413,13 +474,13 @@ class SglangBackend(EngineBackend):
             lambda: MultiprocessingSerializer.serialize(weights.lora))
         result = await self._manager.load_lora_adapter_from_tensors(
             LoadLoRAAdapterFromTensorsReqInput(
-                lora_name=name, config_dict=weights.lora_config,
+                lora_name=handle, config_dict=weights.lora_config,
                 serialized_named_tensors=[payload] * self.config.tensor_parallel_size),
             None)
         if not result.success:
             raise AdapterError(f"adapter {name!r}: SGLang refused its LoRA: "
                                f"{result.error_message}")
-        return name
+        return handle
 
     async def _unload_lora(self, handle: str) -> None:
         from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput

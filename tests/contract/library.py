@@ -130,9 +130,13 @@ def build_library(directory: Path, sources: dict[str, Path], outside: Path) -> N
 def library_references(model_dir: Path, directory: Path, prompt: list[int]
                        ) -> dict[str, tuple[list[int], list[float]]]:
     """Each library adapter's greedy ids and logprobs by the transformers reference."""
+    return {name: reference_of(model_dir, directory / name, prompt) for name in LIBRARY}
+
+
+def reference_of(model_dir: Path, checkpoint: Path, prompt: list[int]
+                 ) -> tuple[list[int], list[float]]:
+    """One checkpoint's greedy ids and logprobs (``STEPS`` of them) by the reference."""
     from talan_serve.reference import load_reference
     from tests.contract.support import greedy
 
-    return {name: greedy(load_reference(model_dir, talan=directory / name)[0], prompt,
-                         STEPS, talan=True)
-            for name in LIBRARY}
+    return greedy(load_reference(model_dir, talan=checkpoint)[0], prompt, STEPS, talan=True)

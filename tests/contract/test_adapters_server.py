@@ -30,6 +30,7 @@ from tests.contract.library import (
     REFUSED_NAMES,
     build_library,
     library_references,
+    reference_of,
 )
 from tests.contract.library import STEPS as LIBRARY_STEPS
 from tests.contract.support import TOL, greedy
@@ -370,3 +371,34 @@ def test_adapter_dir_hostile_entries_are_refused_with_their_reason(server, libra
     assert loaded_names(server) == resident
     for name in sorted(resident & set(LIBRARY)):  # the others keep serving
         assert_library_reference(server, library_wants, name)
+
+
+def test_adapter_dir_a_changed_folder_serves_its_new_weights(server, setup, references,
+                                                             library_wants, workdir):
+    """An adapter evicted into the host cache, its folder then rewritten with other
+    weights: its next load reads the folder again and answers as the new weights do (an
+    engine that keeps an evicted adapter's LoRA, as SGLang's backend does, must not reuse
+    the old one)."""
+    from talan_serve.testing import reweight_checkpoint
+
+    _, tokenizer = references
+    library = workdir / "library"
+    folder = library / "changing"  # a new entry, of the kind with a LoRA: the others stay
+    reweight_checkpoint(setup[1]["alpha"], folder, seed=7)
+    prompt = tokenizer(PROMPT).input_ids
+    wants = {**library_wants, "changing": reference_of(setup[0], folder, prompt)}
+    first = wants["changing"]
+    assert_library_reference(server, wants, "changing")
+    for name in LIBRARY[:LIBRARY_PLACES]:  # three others take the places: it is evicted
+        assert_library_reference(server, wants, name)
+    assert "changing" not in loaded_names(server)
+    rewritten = workdir / "rewritten"
+    reweight_checkpoint(setup[1]["alpha"], rewritten, seed=8)
+    for file in rewritten.iterdir():
+        shutil.copy(file, folder / file.name)
+    wants["changing"] = reference_of(setup[0], folder, prompt)
+    assert wants["changing"][1] != pytest.approx(first[1], abs=TOL)  # told apart
+    before = adapter_metrics(server)
+    assert_library_reference(server, wants, "changing")
+    assert adapter_metrics(server)["disk"] == before["disk"] + 1
+

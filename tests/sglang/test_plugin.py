@@ -139,3 +139,56 @@ def test_switch_has_one_answer_on_both_sides_of_the_seam(value, expected):
         return
     built = SimpleNamespace(custom_params=sampling_params(server, None)["custom_params"])
     assert request_enabled(built) is expected
+
+
+class _SidePath:
+    """A TALAN layer's side path as the scheduler's RPC methods reach it (recorded);
+    adapter 5 cannot be added."""
+
+    def __init__(self):
+        self.calls = []
+
+    def unload(self, adapter):
+        self.calls.append(("unload", adapter))
+
+    def add(self, adapter, config, tensors, device):
+        if adapter == 5:
+            raise ValueError("no room for adapter 5")
+        self.calls.append(("add", adapter, sorted(tensors)))
+
+
+def test_scheduler_applies_talan_changes_one_by_one_and_reports_the_failed(tmp_path):
+    """``talan_apply_changes`` through SGLang's own RPC handler and request type: each
+    change applied whether or not another fails, the failures by index in the call's
+    message (read back by the front end), and the parameters formatted by their names
+    (SGLang formats them for a log line, weights included, at every call)."""
+    import torch
+    from safetensors.torch import save
+    from sglang.srt.managers.io_struct import RpcReqInput
+
+    from talan_serve.plugins.sglang import _compat
+    from talan_serve.plugins.sglang.rpc import _around_rpc, failed_changes
+    from talan_serve.testing import tiny_talan_config
+
+    side_path = _SidePath()
+    layer = SimpleNamespace(side_path=side_path)
+    model = SimpleNamespace(talan=layer, parameters=lambda: iter([torch.zeros(1)]))
+    scheduler = SimpleNamespace(
+        tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)),
+        tp_group=SimpleNamespace(cpu_group=None))
+    weights, config = save({"w": torch.ones(2)}), tiny_talan_config().to_dict()
+    changes = [[3, [4, config, weights]], [None, [5, config, weights]], [6, None]]
+    request = RpcReqInput(method="talan_apply_changes", parameters={"changes": changes})
+    handler = _compat.resolve("scheduler_rpc")
+    # The handler syncs the tensor-parallel ranks after each call: one rank here.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}",
+                                         rank=0, world_size=1)
+    try:
+        answer = _around_rpc(getattr(handler, "__wrapped__", handler), scheduler, request)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert side_path.calls == [("unload", 3), ("add", 4, ["w"]), ("unload", 6)]
+    assert answer.success is False
+    assert failed_changes(answer.message) == {1: "ValueError: no room for adapter 5"}
+    assert failed_changes("the scheduler is gone") is None
+    assert repr(request.parameters) == "<changes>"

@@ -10,12 +10,14 @@ runs exactly as one loaded at start.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from talan_serve.plugins.sglang import _compat
 
 METHODS = ("talan_load_adapter", "talan_add_adapter", "talan_unload_adapter",
-           "talan_change_adapters")
+           "talan_apply_changes")
+FAILED_CHANGES = "talan_changes_failed"  # the key of a failed call's message (JSON)
 
 
 class TalanSchedulerRpc:
@@ -56,18 +58,48 @@ class TalanSchedulerRpc:
         if layer is not None:
             layer.side_path.unload(adapter)
 
-    def talan_change_adapters(self, remove: int | None, add: list | None) -> None:
-        """Remove one TALAN block and add one, in one call (one wait for the scheduler's
-        gap between steps); ``add``: ``[adapter, config, weights]`` as for
-        ``talan_add_adapter``."""
-        if remove is not None:
-            self.talan_unload_adapter(remove)
-        if add is not None:
-            self.talan_add_adapter(*add)
+    def talan_apply_changes(self, changes: list) -> None:
+        """Changes to the TALAN blocks in one call (one wait for the scheduler's gap
+        between steps, however many loads wait): each ``[remove, add]``, an adapter id and
+        ``[adapter, config, weights]`` as for ``talan_add_adapter``, either None. Each is
+        applied whether or not another fails; the failures come back together, by index
+        (``failed_changes``)."""
+        failed = {}
+        for index, (remove, add) in enumerate(changes):
+            try:
+                if remove is not None:
+                    self.talan_unload_adapter(remove)
+                if add is not None:
+                    self.talan_add_adapter(*add)
+            except Exception as error:  # reported to the front end, the others kept
+                failed[index] = f"{type(error).__name__}: {error}"
+        if failed:
+            raise RuntimeError(json.dumps({FAILED_CHANGES: failed}))
+
+
+def failed_changes(message: str) -> dict[int, str] | None:
+    """The failures of a ``talan_apply_changes`` call by change index, from the message a
+    failed call returns; None when the call failed as a whole (another message)."""
+    try:
+        failed = json.loads(message)[FAILED_CHANGES]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return {int(index): reason for index, reason in failed.items()}
+
+
+class _Parameters(dict):
+    """An RPC's parameters, shown by their names: SGLang formats every call's parameters
+    into a log line, logged or not, and a TALAN block's weights are hundreds of kB (about
+    5 ms of the scheduler's time between two steps, per block)."""
+
+    def __repr__(self) -> str:
+        return f"<{', '.join(self)}>"
 
 
 def _around_rpc(original, scheduler, recv_req, *args, **kwargs):
     if getattr(recv_req, "method", None) in METHODS:
+        if recv_req.parameters is not None:
+            recv_req.parameters = _Parameters(recv_req.parameters)
         # SGLang's handler looks the method up on its first argument, then syncs the ranks.
         return original(TalanSchedulerRpc(scheduler), recv_req, *args, **kwargs)
     return original(scheduler, recv_req, *args, **kwargs)
