@@ -89,8 +89,8 @@ def failed_changes(message: str) -> dict[int, str] | None:
 
 class _Parameters(dict):
     """An RPC's parameters, shown by their names: SGLang formats every call's parameters
-    into a log line, logged or not, and a TALAN block's weights are hundreds of kB (about
-    5 ms of the scheduler's time between two steps, per block)."""
+    into a log line, logged or not, and a TALAN block's weights are hundreds of kB, which
+    the scheduler would format between two steps (docs/design.md, "The SGLang plugin")."""
 
     def __repr__(self) -> str:
         return f"<{', '.join(self)}>"
