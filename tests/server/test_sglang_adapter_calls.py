@@ -1,11 +1,12 @@
 """How the SGLang backend asks its engine for a load, with the engine's three calls
 stood in for (recorders; SGLang's own answers are in tests/contract/test_adapters_server.py,
-which serves a library through the real engine): the TALAN part (one scheduler call, an
-eviction's removal with it) and the LoRA part (the tokenizer manager's) go at once, so that
-the scheduler serves them in the same gap between steps; when either fails, nothing of
-the new adapter stays. An evicted adapter's LoRA stays loaded while its weights live (the
-front end's host cache keeps them), and a load of those weights reuses it. TALAN changes
-asked for while a scheduler call is under way go together in the next call.
+which serves a library through the real engine): the TALAN part (one change of a
+scheduler call, an eviction's removal with it) and the LoRA part (the tokenizer manager's)
+go at once, so that the scheduler serves them in the same gap between steps; when either
+fails, nothing of the new adapter stays. An evicted adapter's LoRA stays loaded while its
+weights live (the front end's host cache keeps them), and a load of those weights reuses
+it. TALAN changes asked for while a scheduler call is under way go together in the next
+call.
 """
 
 from __future__ import annotations
