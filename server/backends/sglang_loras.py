@@ -7,7 +7,8 @@ than its memory pool has slots (it fills a slot when a batch first needs one), s
 evicted adapter's LoRA stays loaded for as long as its validated weights live: in the
 front end's host cache, from which its next load takes the same weights object. That load
 then only changes the TALAN block. Once the weights are gone (dropped from the cache, or
-never cached), the LoRA can never be asked for again and is unloaded at the next load.
+never cached), the LoRA can never be asked for again and is unloaded after the next
+load.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class ResidentLoras:
         return None
 
     def new_handle(self, name: str) -> str:
-        """A name for a new LoRA of adapter ``name``: one of its earlier versions (a
-        changed folder) may still be loaded under the plain name's last handle."""
+        """A name for a new LoRA of adapter ``name``, never used before: a LoRA of an
+        earlier version of its folder may still be loaded."""
         return f"{name}#{next(self._serial)}"
 
     def add(self, handle: str, weights: AdapterWeights) -> None:

@@ -401,4 +401,3 @@ def test_adapter_dir_a_changed_folder_serves_its_new_weights(server, setup, refe
     before = adapter_metrics(server)
     assert_library_reference(server, wants, "changing")
     assert adapter_metrics(server)["disk"] == before["disk"] + 1
-
